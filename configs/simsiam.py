@@ -30,11 +30,12 @@ def get_config(arg=None):
     config.data.name = arg.dataset
     config.aug = augment.default_augment_config()
     config.aug.image_size = data.DATASETS[arg.dataset].image_shape[0]
-    config.aug.mean, config.aug.std = (0.2860,), (0.3530,)   # Fashion-MNIST train split, pixel / 255
+    config.aug.mean, config.aug.std = augment.DATASET_STATS[arg.dataset]
 
     config.model = ml_collections.ConfigDict(dict(
-        backbone="resnet18_cifar",
-        width=0.25,
+        backbone="resnet_cifar",  # CIFAR-style: 3x3 stem, no max-pool
+        depth=18,
+        width=0.125,
         proj_hidden_dim=512,
         proj_out_dim=512,
         proj_layers=2,           # SimSiam's CIFAR projector; 3 for ImageNet

@@ -11,11 +11,11 @@ from gsg_jax import augment, data, evaluate, losses, models
 
 def build_model(config) -> models.SiameseNet:
     m = config.model
-    if m.backbone != "resnet18_cifar":
-        raise ValueError(f"config.model.backbone={m.backbone!r} is unknown; choose 'resnet18_cifar'.")
+    if m.backbone != "resnet_cifar":
+        raise ValueError(f"config.model.backbone={m.backbone!r} is unknown; choose 'resnet_cifar'.")
     dtype = jnp.dtype(config.compute_dtype)
     return models.SiameseNet(
-        backbone=models.resnet18_cifar(width=m.width, dtype=dtype),
+        backbone=models.resnet_cifar(depth=m.depth, width=m.width, dtype=dtype),
         proj_hidden_dim=m.proj_hidden_dim, proj_out_dim=m.proj_out_dim, proj_layers=m.proj_layers,
         pred_hidden_dim=m.pred_hidden_dim, use_predictor=m.predictor, dtype=dtype)
 
@@ -28,7 +28,10 @@ class SiameseTask:
             raise ValueError(f"config.gsg.rule={config.gsg.rule!r} is unknown; choose one of "
                              f"{losses.ROUTING_RULES}.")
         self.config, self.mesh = config, mesh
-        self.spec = data.get_spec(config.data.name)
+        if config.data.name not in data.DATASETS:
+            raise ValueError(f"config.data.name={config.data.name!r} is unknown; choose one of "
+                             f"{sorted(data.DATASETS)}.")
+        self.spec = data.DATASETS[config.data.name]
         self.model = build_model(config)
 
     def init(self, rng):
@@ -38,13 +41,17 @@ class SiameseTask:
         return variables["params"], {"batch_stats": variables["batch_stats"]}
 
     def _encode(self, params, model_state, views):
-        """One encoder pass per view, as in the papers: batch-norm statistics are per view, and over the
-        whole global batch (the batch is sharded, jit computes the mean across devices)."""
-        outputs = []
-        for x in views:
+        """Encoder passes over views [V, B, H, W, C], one view after the other as in the papers: batch
+        norm normalises each view's batch separately and updates its running statistics once per view.
+        A scan compiles the encoder once instead of V times. Each view's batch is the global batch:
+        under jit over the sharded batch the batch-norm mean is taken across devices (synchronised BN).
+        """
+        def one_view(model_state, x):
             out, model_state = self.model.apply({"params": params, **model_state}, x, train=True,
                                                 mutable=["batch_stats"])
-            outputs.append(out)
+            return model_state, out
+
+        model_state, outputs = jax.lax.scan(one_view, model_state, views)
         return outputs, model_state
 
     def loss(self, params, model_state, batch, rng):
@@ -52,26 +59,25 @@ class SiameseTask:
         batch_size = images.shape[0]
         aug_key, partner_key, route_key = jax.random.split(rng, 3)
         view_keys = jax.random.split(aug_key, (4, batch_size))   # an independent key per example and view
-        views = functools.partial(augment.augment_batch, cfg=self.config.aug)
+        # [V, B, ...] images and keys -> [V, B, ...] augmented views, one vmapped augmentation for all.
+        views = jax.vmap(functools.partial(augment.augment_batch, cfg=self.config.aug))
         metrics = {}
         if self.config.gsg.enabled:
             partner = losses.partner_permutation(partner_key, batch_size, self.config.gsg.partner)
             partner_images = images[partner]                        # the partner may live on another device
-            (o11, o12, o21, o22), model_state = self._encode(params, model_state, [
-                views(images, view_keys[0]), views(images, view_keys[1]),
-                views(partner_images, view_keys[2]), views(partner_images, view_keys[3])])
-            loss, aux = losses.gsg_loss(o11["p"], o12["p"], o21["p"], o22["p"],
-                                        o11["z"], o12["z"], o21["z"], o22["z"],
-                                        rule=self.config.gsg.rule, key=route_key)
+            sources = jnp.stack([images, images, partner_images, partner_images])  # 11, 12, 21, 22
+            out, model_state = self._encode(params, model_state, views(sources, view_keys))
+            p, z = out["p"], out["z"]
+            loss, aux = losses.gsg_loss(*p, *z, rule=self.config.gsg.rule, key=route_key)
             for i in range(4):
                 metrics[f"choice_frac/{i}"] = jnp.mean(aux["choice"] == i)
             metrics["self_pair_rate"] = jnp.mean(partner == jnp.arange(batch_size))
         else:
-            (o1, o2), model_state = self._encode(params, model_state, [
-                views(images, view_keys[0]), views(images, view_keys[1])])
-            loss, aux = losses.simsiam_loss(o1["p"], o2["p"], o1["z"], o2["z"])
-        metrics["train_z_std"] = evaluate.z_std(jax.lax.stop_gradient(o11["z"] if self.config.gsg.enabled
-                                                                         else o1["z"]))
+            out, model_state = self._encode(params, model_state,
+                                            views(jnp.stack([images, images]), view_keys[:2]))
+            p, z = out["p"], out["z"]
+            loss, aux = losses.simsiam_loss(*p, *z)
+        metrics["train_z_std"] = evaluate.z_std(jax.lax.stop_gradient(z[0]))
         return loss, (model_state, metrics)
 
     def train_iterator(self):

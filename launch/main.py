@@ -42,6 +42,11 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/NAME.py[:ARGS] is required.")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)   # keep the console to progress lines; -v 0 for INFO
+    if not jax.config.jax_compilation_cache_dir:
+        # Reruns and resumes of the same config load compiled steps instead of compiling them again.
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jax_compilation_cache"))
     initialize_distributed()
     logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     try:

@@ -10,7 +10,7 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -33,7 +33,8 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
         raise ValueError(
             f"config.mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but {len(devices)} are "
             "present; set one axis to -1 to use all devices.")
-    return jax.make_mesh(sizes, AXES, devices=devices)
+    # Auto axes: XLA (GSPMD) propagates shardings from the inputs, outputs and annotations we give.
+    return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def batch_size_per_shard(mesh: Mesh, global_batch_size: int) -> int:

@@ -12,7 +12,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # --config.KEY=VALUE overrides that shrink configs/simsiam.py to a few seconds of CPU time.
 TINY_OVERRIDES = dict(
     batch_size=16, total_steps=4, log_every_steps=1, eval_every_steps=1000, checkpoint_every_steps=2,
-    eval_batch_size=32, **{"model.width": 0.125, "model.proj_hidden_dim": 32, "model.proj_out_dim": 32,
+    eval_batch_size=32, **{"model.depth": 10, "model.width": 0.125, "model.proj_hidden_dim": 32, "model.proj_out_dim": 32,
                           "model.pred_hidden_dim": 16, "aug.image_size": 16})
 
 
