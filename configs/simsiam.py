@@ -4,9 +4,10 @@
     python -m launch.main --config=configs/simsiam.py:gsg=0 --workdir=/tmp/simsiam
 
 Args (comma separated): gsg (1 = GSG, 0 = baseline), dataset (fashion_mnist), predictor (1, or 0 for p = z).
-The default is the offline job of this repository: a CIFAR-style ResNet-18 at width 1/4 on Fashion-MNIST,
-sized to finish within 10 minutes on a 2-core CPU, with kNN accuracy at step 0 (random initialisation)
-and at the end.
+The default is the offline job of this repository: a CIFAR-style ResNet-18 at width 1/8 on Fashion-MNIST
+crops of 16 px, 300 steps of batch 128 (0.64 epochs), sized to finish within 10 minutes on a 2-core CPU,
+with kNN accuracy at step 0 (random initialisation) and at the end. At this length the trained encoder did
+not beat its random initialisation on kNN in our measurements (see the README).
 """
 import ml_collections
 
@@ -29,7 +30,9 @@ def get_config(arg=None):
     config.data = data.default_data_config()
     config.data.name = arg.dataset
     config.aug = augment.default_augment_config()
-    config.aug.image_size = data.DATASETS[arg.dataset].image_shape[0]
+    # Crops are resized to 16 px (from 28): the main cost on a CPU is the encoder, quadratic in image size.
+    config.aug.image_size = 16
+    config.aug.blur_prob = 0.0   # SimSiam's CIFAR recipe has no blur; at 16 px it erases the image
     config.aug.mean, config.aug.std = augment.DATASET_STATS[arg.dataset]
 
     config.model = ml_collections.ConfigDict(dict(
@@ -47,8 +50,9 @@ def get_config(arg=None):
         rule="closest",          # closest (GSG) | farthest | random | symmetric
         partner="derangement",   # derangement (no self-pairs) | randperm (the authors' code)
     ))
-    # SimSiam's CIFAR recipe: SGD momentum 0.9, lr 0.03 x batch / 256, wd 5e-4, cosine, fixed predictor lr.
-    config.optimizer.update(dict(name="sgd", lr=0.06, weight_decay=5e-4, fix_pred_lr=True))
+    # SimSiam's CIFAR recipe (SGD momentum 0.9, wd 5e-4, cosine, fixed predictor lr) with a larger lr for
+    # this short run: 0.2 x batch / 256 (the recipe's is 0.03 x batch / 256 over 800 epochs).
+    config.optimizer.update(dict(name="sgd", lr=0.2, weight_decay=5e-4, fix_pred_lr=True))
     config.knn = ml_collections.ConfigDict(dict(k=200, temperature=0.2))
     config.eval_batch_size = 1000
     return config

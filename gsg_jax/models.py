@@ -9,14 +9,24 @@ in float32 (flax's force_float32_reductions). Initialisers follow PyTorch's ResN
 fan_out, for convolutions), since the recipes being reproduced were tuned with it.
 """
 import functools
+import math
 from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 ModuleDef = Any
 
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # "normal" is untruncated in jax
+
+
+def _conv_init(key, shape, dtype=jnp.float32):
+    """Kaiming normal with fan_out (PyTorch's ResNet init), drawn as one flat vector and reshaped: the same
+    distribution, but XLA:CPU compiles rank-4 threefry draws about 4x slower (25 s vs 7 s for 16 kernels)."""
+    fan_out = math.prod(shape[:-2]) * shape[-1]
+    return (jax.random.normal(key, (math.prod(shape),), dtype) * math.sqrt(2.0 / fan_out)).reshape(shape)
+
+
 # PyTorch's nn.Linear default kernel init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 _dense_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 

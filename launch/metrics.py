@@ -68,7 +68,9 @@ class Progress:
         steps_per_s = (step - self._last[0]) / max(now - self._last[1], 1e-9)
         self._last = (step, now)
         if jax.process_index() == 0:
-            shown = " | ".join(f"{k} {float(v):.4g}" for k, v in metrics.items() if np.size(v) == 1)
+            # Grouped metrics ("choice_frac/0") go to the files only, to keep the line short.
+            shown = " | ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()
+                               if np.size(v) == 1 and "/" not in k)
             eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
             print(f"step {step}/{self.total_steps} | {shown} | {steps_per_s:.2f} steps/s | "
                   f"ETA {_duration(eta)}", flush=True)

@@ -23,9 +23,8 @@ def _batch(batch_size, seed=0):
             "label": rng.integers(0, 10, (batch_size,)).astype(np.int32)}
 
 
-@pytest.mark.parametrize("gsg", [True, False])
-def test_step_on_8_devices_equals_step_on_1_device(gsg):
-    config = helpers.tiny_config(f"gsg={int(gsg)}")
+def test_step_on_8_devices_equals_step_on_1_device():
+    config = helpers.tiny_config()
     batch = _batch(config.batch_size)
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:8]):
@@ -65,7 +64,7 @@ def fake_fashion_mnist(tmp_path_factory):
 
 def test_killed_run_resumes_to_exactly_the_uninterrupted_parameters(tmp_path, fake_fashion_mnist):
     data_dir, idx_dir = fake_fashion_mnist
-    steps = dict(total_steps=30, checkpoint_every_steps=2, log_every_steps=2)
+    steps = dict(total_steps=12, checkpoint_every_steps=2, log_every_steps=2)
     code, out = _run_main(tmp_path / "reference", data_dir, idx_dir, **steps)
     assert code == 0, out
 
@@ -79,11 +78,11 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_parameters(tmp_path, fa
     code, out = _run_main(tmp_path / "killed", data_dir, idx_dir, **steps)
     assert code == 0, out
     resumed_at = int(out.split("Resumed from")[1].split("at step ")[1].split(".")[0])
-    assert 2 <= resumed_at < 30, out
-    reference, resumed = _final_params(tmp_path / "reference", 30), _final_params(tmp_path / "killed", 30)
+    assert 2 <= resumed_at < 12, out
+    reference, resumed = _final_params(tmp_path / "reference", 12), _final_params(tmp_path / "killed", 12)
     jax.tree.map(np.testing.assert_array_equal, reference, resumed)
     logged = [row["step"] for row in metrics.read_metrics(tmp_path / "killed") if "loss" in row]
-    assert logged[-1] == 30
+    assert logged[-1] == 12
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, fake_fashion_mnist):
@@ -126,11 +125,11 @@ class _PoisonedTask:
                 poison = np.nan if self.count >= poison_from else 1.0
                 return {**batch, "poison": np.full(len(batch["image"]), poison, np.float32)}
 
-            def get_state(self):
-                return inner.get_state()
+            def get_state(self):  # grain's checkpoint handler stores bytes for non-grain iterators
+                return json.dumps(inner.get_state()).encode()
 
             def set_state(self, state):
-                inner.set_state(state)
+                inner.set_state(json.loads(state))
 
         return Iterator()
 
