@@ -3,6 +3,7 @@ guard, an end-to-end step under tfds mock data and a short run on the real Fashi
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,12 +39,12 @@ def test_step_on_8_devices_equals_step_on_1_device():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), one, eight)
 
 
-def _run_main(workdir, data_dir, idx_dir, *extra, wait=True, **overrides):
+def _run_main(workdir, data_dir, idx_dir, *extra, wait=True, env=None, **overrides):
     flags = helpers.override_flags(**{"data.data_dir": data_dir, "data.idx_dir": idx_dir, **overrides})
     cmd = [sys.executable, "-m", "launch.main", "--config=configs/simsiam.py", f"--workdir={workdir}",
            *flags, *extra]
     proc = subprocess.Popen(cmd, cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, env=env)
     if wait:
         out, _ = proc.communicate(timeout=600)
         return proc.returncode, out
@@ -98,6 +99,25 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, fake_fashion_mnist):
     saved = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints")).latest_step()
     assert saved is not None and 0 < saved < 100000, out
     assert "Preempted" in out
+
+
+def test_two_processes_train_and_checkpoint_together(tmp_path, fake_fashion_mnist):
+    """Two real processes (4 CPU devices each, gloo collectives) joined by jax.distributed: one 8-device
+    mesh, each process feeding its half of the batch, one checkpoint."""
+    data_dir, idx_dir = fake_fashion_mnist
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [_run_main(tmp_path, data_dir, idx_dir, f"--coordinator_address=127.0.0.1:{port}",
+                       "--num_processes=2", f"--process_id={i}", wait=False, env=env, total_steps=2)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "mesh {'data': 8" in outs[0], outs[0]
+    assert ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints")).latest_step() == 2
+    losses = [row["loss"] for row in metrics.read_metrics(tmp_path) if "loss" in row]
+    assert len(losses) == 2 and np.isfinite(losses).all()
 
 
 class _PoisonedTask:
