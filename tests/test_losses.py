@@ -82,10 +82,11 @@ def test_simsiam_value_and_stop_gradient():
 
 # ---------------------------------------------------------------- GSG, closest
 
-def test_gsg_closest_value_choice_gradients():
-    p, t = _inputs(1)
-    loss, aux = _call(p, t, 'closest')
-    ref_loss, ref_choice = ref_gsg(p, t, _first_min)
+@pytest.mark.parametrize("rule, pick, seed", [("closest", _first_min, 1), ("farthest", _first_max, 3)])
+def test_gsg_one_hot_rule_matches_reference(rule, pick, seed):
+    p, t = _inputs(seed)
+    loss, aux = _call(p, t, rule)
+    ref_loss, ref_choice = ref_gsg(p, t, pick)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_array_equal(aux['choice'], ref_choice)
     assert aux['choice'].dtype == jnp.int32 and aux['distances'].shape == (B, 4)
@@ -93,7 +94,7 @@ def test_gsg_closest_value_choice_gradients():
 
     args = [jnp.asarray(x) for x in (p[0][0], p[0][1], p[1][0], p[1][1],
                                      t[0][0], t[0][1], t[1][0], t[1][1])]
-    grads = jax.grad(lambda *a: losses.gsg_loss(*a)[0], argnums=tuple(range(8)))(*args)
+    grads = jax.grad(lambda *a: losses.gsg_loss(*a, rule=rule)[0], argnums=tuple(range(8)))(*args)
     for i, k in enumerate(ref_choice):
         a, b = PAIRS[k]
         chosen = {(0, a), (1, b)}  # (image, view) of the two sources
@@ -121,7 +122,7 @@ def test_gsg_closest_ties_go_to_first_pair():
     np.testing.assert_array_equal(aux['choice'], np.zeros(B, np.int32))
     # zero distances must not leak NaNs into the gradient (the distance norm is never differentiated)
     args = [jnp.asarray(x) for x in (*p[0], *p[1], *same[0], *same[1])]
-    grads = jax.grad(lambda *a: losses.gsg_loss(*a)[0], argnums=tuple(range(8)))(*args)
+    grads = jax.grad(lambda *a: losses.gsg_loss(*a, rule="closest")[0], argnums=tuple(range(8)))(*args)
     assert all(np.all(np.isfinite(g)) for g in grads)
     # t11 == t12: d(11,2b) == d(12,2b) -> only choices 0 or 1
     t_eq1 = [[t[0][0], t[0][0].copy()], [t[1][0], t[1][1]]]
@@ -130,14 +131,6 @@ def test_gsg_closest_ties_go_to_first_pair():
 
 
 # ---------------------------------------------------------------- other rules
-
-def test_gsg_farthest():
-    p, t = _inputs(3)
-    loss, aux = _call(p, t, 'farthest')
-    ref_loss, ref_choice = ref_gsg(p, t, _first_max)
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    np.testing.assert_array_equal(aux['choice'], ref_choice)
-
 
 def test_gsg_random():
     p, t = _inputs(4, b=4000, d=4)
