@@ -32,6 +32,7 @@ def loop_config() -> ml_collections.ConfigDict:
         checkpoint_every_steps=500,
         keep_checkpoints=3,
         evaluators=(),
+        dry_run=False,            # build the train state abstractly, print its size per device, and stop
         # Mesh axes: data (replicated params), fsdp (sharded params), tensor (model parallel); -1 = rest.
         mesh=dict(data=-1, fsdp=1, tensor=1),
         # Logical axis name -> mesh axes, for models that annotate their parameters (flax logical axes).

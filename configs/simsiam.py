@@ -1,58 +1,94 @@
-"""SimSiam with guided stop-gradient (GSG), or the SimSiam baseline.
+"""SimSiam with guided stop-gradient (GSG), or the SimSiam baseline; configs/byol.py builds on this file.
 
-    python -m launch.main --config=configs/simsiam.py --workdir=/tmp/gsg_simsiam
-    python -m launch.main --config=configs/simsiam.py:gsg=0 --workdir=/tmp/simsiam
+Args (comma separated): gsg (1 = GSG, 0 = the baseline), dataset (the recipe: fashion_mnist, cifar10,
+cifar100, stl10, imagenet2012), predictor (1, or 0 for p = z), batch (0 = the recipe's batch size; other
+values scale the learning rate linearly), crops (four_crop, the paper, or two_crop).
 
-Args (comma separated): gsg (1 = GSG, 0 = baseline), dataset (fashion_mnist), predictor (1, or 0 for p = z).
-The default is the offline job of this repository: a CIFAR-style ResNet-18 at width 1/8 on Fashion-MNIST
-crops of 16 px, 300 steps of batch 128 (0.64 epochs), sized to finish within 10 minutes on a 2-core CPU,
-with kNN accuracy at step 0 (random initialisation) and at the end. At this length the trained encoder did
-not beat its random initialisation on kNN in our measurements (see the README).
+Recipes, each one command (add `:gsg=0` for the baseline, `,predictor=0` for no predictor, `,batch=64` for a
+small-batch run):
+    python -m launch.main --config=configs/simsiam.py --workdir=workdirs/gsg_simsiam      # offline default
+    python -m launch.main --config=configs/simsiam.py:dataset=cifar10 --workdir=workdirs/cifar10
+    python -m launch.main --config=configs/simsiam.py:dataset=imagenet2012 --workdir=gs://BUCKET/in1k
+
+- fashion_mnist (default): the offline job of this repository. CIFAR ResNet-18 at width 1/8 on crops of
+  16 px, 300 steps of batch 128 (0.64 epochs), sized to finish within 10 minutes on a 2-core CPU, with kNN
+  accuracy at step 0 (random initialisation) and at the end.
+- cifar10 / cifar100: SimSiam's CIFAR recipe. CIFAR ResNet-18, crops of 32 px, no blur, batch 512, SGD lr
+  0.03 x batch / 256, wd 5e-4, 800 epochs, projector 2048-2048 (2 layers), predictor 2048-512-2048.
+- stl10: ImageNet ResNet-18 on 96 px crops of train+unlabelled (105,000 images), batch 256, 200 epochs.
+- imagenet2012: the GSG paper's setting. ResNet-50, MoCo-v2 augmentations on 224 px crops (random resized
+  crop on the host, the rest on the device), batch 512, SGD lr 0.05 x batch / 256, wd 1e-4, 100 epochs,
+  projector 2048-2048-2048, predictor 2048-512-2048, fixed predictor lr.
 """
+import math
+
 import ml_collections
 
 from configs import common
 from gsg_jax import augment, data
 
+# dataset -> (train examples per epoch, epochs, batch size, base lr per 256, weight decay, crop px)
+_RECIPES = {
+    "fashion_mnist": (60_000, None, 128, 0.5, 5e-4, 16),
+    "cifar10": (50_000, 800, 512, 0.03, 5e-4, 32),
+    "cifar100": (50_000, 800, 512, 0.03, 5e-4, 32),
+    "stl10": (105_000, 200, 256, 0.05, 5e-4, 96),
+    "imagenet2012": (1_281_167, 100, 512, 0.05, 1e-4, 224),
+}
+
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, gsg=True, dataset="fashion_mnist", predictor=True)
+    arg = common.parse_arg(arg, gsg=True, dataset="fashion_mnist", predictor=True, batch=0, crops="four_crop")
+    if arg.dataset not in _RECIPES:
+        raise ValueError(f"config arg dataset={arg.dataset!r} has no recipe; choose one of {sorted(_RECIPES)}.")
+    examples, epochs, recipe_batch, lr, weight_decay, image_size = _RECIPES[arg.dataset]
     config = common.loop_config()
     config.task = "gsg_jax"
     config.method = "simsiam"
-    config.total_steps = 300
-    config.batch_size = 128
-    config.log_every_steps = 20
-    config.eval_every_steps = 300
-    config.checkpoint_every_steps = 100
-    config.evaluators = ("knn", "z_std")
+    config.batch_size = arg.batch or recipe_batch
+    if epochs is None:  # the offline default: a fixed short run
+        config.total_steps, config.log_every_steps = 300, 20
+        config.eval_every_steps, config.checkpoint_every_steps = 300, 100
+    else:
+        steps_per_epoch = math.ceil(examples / config.batch_size)
+        config.total_steps = epochs * steps_per_epoch
+        config.log_every_steps = 100
+        config.eval_every_steps = config.checkpoint_every_steps = 10 * steps_per_epoch
+    config.evaluators = ("knn", "z_std")  # z_std also reports the effective rank
 
     config.data = data.default_data_config()
     config.data.name = arg.dataset
+    if arg.dataset == "stl10":
+        config.data.train_split = "train+unlabelled"
     config.aug = augment.default_augment_config()
-    # Crops are resized to 16 px (from 28): the main cost on a CPU is the encoder, quadratic in image size.
-    config.aug.image_size = 16
-    config.aug.blur_prob = 0.0   # SimSiam's CIFAR recipe has no blur; at 16 px it erases the image
+    config.aug.image_size = image_size
     config.aug.mean, config.aug.std = augment.DATASET_STATS[arg.dataset]
+    if arg.dataset in ("fashion_mnist", "cifar10", "cifar100"):
+        config.aug.blur_prob = (0.0, 0.0)   # SimSiam's CIFAR recipe has no blur; at 16 px it would erase the image
 
+    small = arg.dataset != "imagenet2012"
     config.model = ml_collections.ConfigDict(dict(
-        backbone="resnet_cifar",  # CIFAR-style: 3x3 stem, no max-pool
-        depth=18,
-        width=0.125,
-        proj_hidden_dim=512,
-        proj_out_dim=512,
-        proj_layers=2,           # SimSiam's CIFAR projector; 3 for ImageNet
-        pred_hidden_dim=128,
+        backbone="resnet_cifar" if arg.dataset in ("fashion_mnist", "cifar10", "cifar100") else "resnet_imagenet",
+        depth=18 if small else 50,
+        width=0.125 if arg.dataset == "fashion_mnist" else 1.0,
+        proj_hidden_dim=2048,
+        proj_out_dim=2048,
+        proj_layers=2 if small else 3,   # SimSiam: 2 layers on CIFAR, 3 on ImageNet
+        pred_hidden_dim=512,
         predictor=arg.predictor,
+        zero_init_residual=not small,  # ResNet-50 recipe: last BN gamma of each residual block starts at 0
     ))
+    if arg.dataset == "fashion_mnist":  # smaller heads for the small CPU job
+        config.model.update(dict(proj_hidden_dim=512, proj_out_dim=512, pred_hidden_dim=128))
     config.gsg = ml_collections.ConfigDict(dict(
         enabled=arg.gsg,
         rule="closest",          # closest (GSG) | farthest | random | symmetric
-        partner="derangement",   # derangement (no self-pairs) | randperm (the authors' code)
+        partner="derangement",   # derangement (no self-pairs, global batch) | randperm (the authors' code)
+        crops=arg.crops,         # four_crop (the paper: new crops of the partner) | two_crop (reuse its views)
     ))
-    # SimSiam's CIFAR recipe (SGD momentum 0.9, wd 5e-4, cosine, fixed predictor lr) with a larger lr for
-    # this short run: 0.2 x batch / 256 (the recipe's is 0.03 x batch / 256 over 800 epochs).
-    config.optimizer.update(dict(name="sgd", lr=0.2, weight_decay=5e-4, fix_pred_lr=True))
+    # SGD momentum 0.9, cosine to 0, the predictor's lr held fixed (SimSiam). The offline default uses a
+    # larger lr than SimSiam's CIFAR 0.03 x batch / 256 since it trains for under one epoch.
+    config.optimizer.update(dict(name="sgd", lr=lr, weight_decay=weight_decay, fix_pred_lr=True))
     config.knn = ml_collections.ConfigDict(dict(k=200, temperature=0.2))
-    config.eval_batch_size = 1000
+    config.eval_batch_size = 1000 if small else 500
     return config

@@ -21,6 +21,8 @@ import ml_collections
 DATASET_STATS = {
     "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
     "fashion_mnist": ((0.2860,), (0.3530,)),  # measured on the 60,000 training images
 }
 
@@ -38,9 +40,10 @@ def default_augment_config() -> ml_collections.ConfigDict:
         color_jitter=(0.4, 0.4, 0.4, 0.1),  # brightness, contrast, saturation, hue
         color_jitter_prob=0.8,
         grayscale_prob=0.2,
-        blur_prob=0.5,                   # SimSiam's CIFAR recipe sets this to 0
+        # (first view, second view) of each image: BYOL's asymmetric set is blur (1.0, 0.1), solarize (0, 0.2).
+        blur_prob=(0.5, 0.5),            # SimSiam's CIFAR recipe sets this to 0
         blur_sigma=(0.1, 2.0),           # in output pixels
-        solarize_prob=0.0,               # BYOL's second view uses 0.2
+        solarize_prob=(0.0, 0.0),
         mean=mean,
         std=std,
     ))
@@ -108,7 +111,8 @@ def _random_resized_crop(u, x, cfg):
 
 
 def _color_jitter(u, x, strengths):
-    """u: 8 uniforms (4 op strengths, 4 for the op order)."""
+    """u: 8 uniforms (4 op strengths, 4 for the op order). A single-channel image gets brightness and
+    contrast only (saturation and hue have no meaning there), in a random order."""
     b, c, s, h = strengths
     delta_b = _lerp(u[0], -b, b)
     factor_c = _lerp(u[1], max(0.0, 1 - c), 1 + c)
@@ -119,8 +123,8 @@ def _color_jitter(u, x, strengths):
         lambda y: jnp.clip(pix.adjust_contrast(y, factor_c), 0.0, 1.0),
         lambda y: jnp.clip(pix.adjust_saturation(y, factor_s), 0.0, 1.0),
         lambda y: jnp.clip(pix.adjust_hue(y, delta_h), 0.0, 1.0),
-    ]
-    order = jnp.argsort(u[4:8])  # a uniformly random permutation: random op order per example
+    ][:4 if x.shape[-1] == 3 else 2]
+    order = jnp.argsort(u[4:4 + len(ops)])  # a uniformly random permutation: random op order per example
     for i in range(len(ops)):
         x = jax.lax.switch(order[i], ops, x)
     return x
@@ -132,13 +136,20 @@ def _gaussian_blur(x, sigma, image_size):
     return pix.gaussian_blur(padded, sigma, 2 * radius + 1, padding="VALID")
 
 
-def augment(image, key, cfg):
+def _for_view(prob, view):
+    """A probability given once, or as (first view, second view)."""
+    return prob[view] if isinstance(prob, (tuple, list)) else prob
+
+
+def augment(image, key, cfg, view=0, crop=True):
     """One example. image: uint8 or float [H, W, C] (C = 1 or 3; float in [0, 1]), key: PRNG key,
     cfg: ConfigDict (see default_augment_config). Returns float32 [cfg.image_size, cfg.image_size, C],
     normalised by cfg.mean / cfg.std (per channel, applied to [0, 1] pixel values).
 
-    Order: random resized crop, horizontal flip, colour jitter (random op order; C == 3 only), grayscale
-    (C == 3 only), Gaussian blur, solarize, normalise."""
+    view: 0 or 1, the first or second view of an image, for per-view probabilities (blur, solarize).
+    crop=False: the image is already a random crop of cfg.image_size px (cropped on the host).
+    Order: random resized crop, horizontal flip, colour jitter (random op order; brightness and contrast
+    only when C == 1), grayscale (C == 3 only), Gaussian blur, solarize, normalise."""
     x = _to_unit_float(image)
     # All randomness comes from one draw of uniforms: XLA:CPU compiles each vmapped non-scalar
     # jax.random call slowly (seconds), so one call instead of a dozen keeps the train step's compile short.
@@ -147,23 +158,28 @@ def augment(image, key, cfg):
     u_crop, u_jit = u[:n_crop], u[n_crop:n_crop + 8]
     u_flip, u_jit_p, u_gray, u_sigma, u_blur_p, u_sol = u[-6:]
 
-    x = _random_resized_crop(u_crop, x, cfg)
+    if crop:
+        x = _random_resized_crop(u_crop, x, cfg)
+    elif x.shape[:2] != (cfg.image_size, cfg.image_size):
+        raise ValueError(f"host-cropped views are {x.shape[:2]}, not aug.image_size={cfg.image_size}.")
     x = jnp.where(u_flip < cfg.flip_prob, pix.flip_left_right(x), x)
 
-    if x.shape[-1] == 3:  # static: colour ops make no sense for one channel (Fashion-MNIST)
-        x = jnp.where(u_jit_p < cfg.color_jitter_prob, _color_jitter(u_jit, x, cfg.color_jitter), x)
+    # Brightness and contrast jitter matter for grayscale input too: with crops and flips alone, matching
+    # two views by their intensity histogram is a shortcut that the encoder learns instead of shapes.
+    x = jnp.where(u_jit_p < cfg.color_jitter_prob, _color_jitter(u_jit, x, cfg.color_jitter), x)
+    if x.shape[-1] == 3:  # static: grayscale conversion makes no sense for one channel (Fashion-MNIST)
         x = jnp.where(u_gray < cfg.grayscale_prob, pix.rgb_to_grayscale(x, keep_dims=True), x)
 
     sigma = _lerp(u_sigma, *cfg.blur_sigma)
-    x = jnp.where(u_blur_p < cfg.blur_prob, _gaussian_blur(x, sigma, cfg.image_size), x)
+    x = jnp.where(u_blur_p < _for_view(cfg.blur_prob, view), _gaussian_blur(x, sigma, cfg.image_size), x)
 
-    x = jnp.where(u_sol < cfg.solarize_prob, pix.solarize(x, 0.5), x)
+    x = jnp.where(u_sol < _for_view(cfg.solarize_prob, view), pix.solarize(x, 0.5), x)
     return _normalise(x, cfg)
 
 
-def augment_batch(images, keys, cfg):
+def augment_batch(images, keys, cfg, view=0, crop=True):
     """images [B, H, W, C], keys [B] (one key per example) -> float32 [B, S, S, C]."""
-    return jax.vmap(lambda im, k: augment(im, k, cfg))(images, keys)
+    return jax.vmap(lambda im, k: augment(im, k, cfg, view, crop))(images, keys)
 
 
 def preprocess_eval(images, cfg):

@@ -1,17 +1,23 @@
 """Image input pipeline for the self-supervised side: TFDS random-access sources read through grain.
 
-No TensorFlow is needed anywhere here. Data sources, in order of preference (see `get_source`):
-  1. Fashion-MNIST from IDX files on disk (Debian's `dataset-fashion-mnist`, or `data.idx_dir`),
-     turned once into an array_record TFDS dataset by this module's own builder
-     `fashion_mnist_idx`. TFDS's own `fashion_mnist` can't be used with those files: Debian's gzip
-     files differ byte-wise from the ones TFDS checksums, and its `Image` feature needs TensorFlow
-     to encode.
+No TensorFlow is needed anywhere here. Fashion-MNIST sources, in order of preference (see `get_source`):
+  1. IDX files on disk (Debian's `dataset-fashion-mnist`, or `data.idx_dir`), turned once into an
+     array_record TFDS dataset by this module's own builder `fashion_mnist_idx`. TFDS's own
+     `fashion_mnist` can't be used with those files: Debian's gzip files differ byte-wise from the
+     ones TFDS checksums, and its `Image` feature needs TensorFlow to encode.
   2. TFDS's own `fashion_mnist` (already prepared in `data_dir`, or downloaded given network).
-Both give records {'image': uint8 [28, 28, 1], 'label': int}; batches come out as numpy arrays,
-process-local (each JAX process reads only its shard); augmentation happens later, on the device.
+cifar10, cifar100, stl10 and imagenet2012 must already be prepared as array_record in `data_dir`
+(preparing them needs TensorFlow); TFDS decodes their PNG/JPEG images with Pillow.
 
-Under `tfds.testing.mock_data` both builders serve random records of the right shape, so the whole
-pipeline runs in tests with no files and no network.
+All sources give records {'image': uint8 [H, W, C], 'label': int}; batches come out as numpy arrays,
+process-local (each JAX process reads only its shard). Fixed-size images are cropped and augmented
+later, on the device. Variable-size images (imagenet2012) can't be stacked into a batch as stored:
+the pipeline decodes them and takes random-resized crops on the host (`HostCrop`), per record,
+with randomness drawn from the seed and the record's position in the stream, so it is reproducible
+and the iterator's state stays a position.
+
+Under `tfds.testing.mock_data` every builder serves random records of the right shape (random sizes
+for imagenet2012), so the whole pipeline runs in tests with no files and no network.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import gzip
 import math
 import os
@@ -32,6 +39,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
 from tensorflow_datasets.proto import tf_example_pb2
@@ -39,15 +47,37 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    image_shape: tuple[int, int, int]  # H, W, C of the stored images
+    image_shape: tuple[int, int, int] | None  # H, W, C of the stored images; None: sizes vary
     num_classes: int
-    train_split: str
+    train_split: str  # labelled: the kNN bank and the default pretraining split
     eval_split: str
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "fashion_mnist": DatasetSpec((28, 28, 1), 10, "train", "test"),
+    "cifar10": DatasetSpec((32, 32, 3), 10, "train", "test"),
+    "cifar100": DatasetSpec((32, 32, 3), 100, "train", "test"),
+    # Pretraining may add the 100,000 unlabelled images: config data.train_split="train+unlabelled".
+    "stl10": DatasetSpec((96, 96, 3), 10, "train", "test"),
+    "imagenet2012": DatasetSpec(None, 1000, "train", "validation"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class HostCrop:
+    """torchvision RandomResizedCrop taken on the host, for datasets of variable-size images:
+    `num_crops` independent crops per example, each resized (bilinear) to image_size x image_size."""
+
+    image_size: int
+    num_crops: int
+    scale: tuple[float, float]  # area fraction of the crop
+    ratio: tuple[float, float]  # aspect ratio w/h, sampled log-uniformly
+
+
+EVAL_CROP_FRACTION = 0.875  # eval: shorter side resized to size / 0.875, then the centre crop
+_CROP_TRIES = 10  # as torchvision: then fall back to a centre crop
+# Host crops decode JPEGs (Pillow releases the GIL): as many reader threads as grain's default.
+_HOST_CROP_THREADS = 16
 
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -73,6 +103,8 @@ def default_data_config() -> ml_collections.ConfigDict:
             "idx_dir": DEFAULT_IDX_DIR,
             # TFDS data dir, where prepared datasets live; None: TFDS's default (~/tensorflow_datasets).
             "data_dir": ml_collections.config_dict.placeholder(str),
+            # TFDS split for pretraining, e.g. "train+unlabelled" for stl10; None: the dataset's train split.
+            "train_split": ml_collections.config_dict.placeholder(str),
         }
     )
 
@@ -187,9 +219,12 @@ def get_source(data_config: ml_collections.ConfigDict, split: str):
 
     Fashion-MNIST comes from the IDX files in data_config.idx_dir when all four are there (prepared
     once into data_config.data_dir by `FashionMnistIdx`, then reused), else from TFDS's own
-    fashion_mnist. Records are normalised whichever builder (or mock_data) served them.
+    fashion_mnist; the other datasets from their prepared TFDS datasets in data_config.data_dir.
+    Records are normalised whichever builder (or mock_data) served them.
     """
     _spec(data_config)
+    if data_config.name != "fashion_mnist":
+        return _prepared_tfds(data_config.name, split, data_config.get("data_dir"))
     data_dir = data_config.get("data_dir")
     idx_dir = data_config.get("idx_dir")
     if find_idx_files(idx_dir) is None:
@@ -264,6 +299,31 @@ def _normalise(record: dict[str, Any]) -> dict[str, Any]:
     return {"image": np.asarray(record["image"], np.uint8), "label": int(record["label"])}
 
 
+def _prepared_tfds(name: str, split: str, data_dir: str | None):
+    """A TFDS dataset already prepared as array_record in data_dir, else one clear error.
+
+    No download: preparing these datasets encodes their images with TensorFlow.
+    """
+    try:
+        source = tfds.data_source(
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=False,
+            builder_kwargs={"file_format": "array_record"},
+        )
+    except Exception as e:  # pylint: disable=broad-except
+        manual = " --manual_dir=DIR_WITH_ILSVRC2012_TARS" if name == "imagenet2012" else ""
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} (split {split!r}) not found as array_record in "
+            f"{data_dir or tfds_constants.DATA_DIR} ({type(e).__name__}: {e}). Preparing it needs "
+            f"TensorFlow: on a machine that has it, run `tfds build {name} --file_format=array_record "
+            f"--data_dir=DIR{manual}`, then copy DIR here (or use a gs:// path) and set "
+            f"--config.data.data_dir=DIR."
+        ) from e
+    return _Records(source, _normalise)
+
+
 def _tfds_fashion_mnist(split: str, data_dir: str | None):
     """TFDS's own fashion_mnist: already prepared in data_dir, else downloaded, else one clear error.
 
@@ -292,6 +352,71 @@ def _tfds_fashion_mnist(split: str, data_dir: str | None):
     except Exception as e:  # pylint: disable=broad-except
         raise FileNotFoundError(f"{not_found} (TFDS download failed: {type(e).__name__}: {e})") from e
     return _Records(source, _normalise)
+
+
+# ------------------------------------------------------------------------------------------------
+# Crops on the host, for variable-size images.
+# ------------------------------------------------------------------------------------------------
+
+
+def crop_window(
+    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params: (top, left, h, w) of a crop whose area fraction is
+    uniform in `scale` and whose aspect ratio w/h is log-uniform in `ratio`; when 10 draws all miss
+    the image, the largest centred crop with the ratio clamped to `ratio`."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(_CROP_TRIES):
+        area = height * width * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(height - h + 1)), int(rng.integers(width - w + 1)), h, w
+    if width / height < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def random_resized_crops(image: np.ndarray, rng: np.random.Generator, crop: HostCrop) -> np.ndarray:
+    """`crop.num_crops` independent random-resized crops of a uint8 [H, W, C] image: uint8 [n, S, S, C].
+
+    Pillow crops and resizes in one call, antialiased when it shrinks, as torchvision does on images.
+    """
+    height, width, channels = image.shape
+    pil, size = _to_pil(image), (crop.image_size, crop.image_size)
+    views = []
+    for _ in range(crop.num_crops):
+        top, left, h, w = crop_window(rng, height, width, crop.scale, crop.ratio)
+        box = (left, top, left + w, top + h)
+        views.append(np.asarray(pil.resize(size, Image.Resampling.BILINEAR, box=box)))
+    return np.stack(views).reshape(crop.num_crops, *size, channels)
+
+
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """torchvision's eval transform Resize(round(size / 0.875)) + CenterCrop(size), bilinear, of a
+    uint8 [H, W, C] image: uint8 [size, size, C]."""
+    height, width, channels = image.shape
+    short = round(size / EVAL_CROP_FRACTION)
+    if height <= width:  # the longer side scaled and truncated, as torchvision does
+        new_h, new_w = short, int(short * width / height)
+    else:
+        new_h, new_w = int(short * height / width), short
+    resized = _to_pil(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
+    resized = np.asarray(resized).reshape(new_h, new_w, channels)
+    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+    return resized[top : top + size, left : left + size]
+
+
+def _crop_record(record: dict[str, Any], rng: np.random.Generator, crop: HostCrop) -> dict[str, Any]:
+    return {"views": random_resized_crops(record["image"], rng, crop), "label": np.int32(record["label"])}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,54 +449,68 @@ def _getitems(source, indices) -> list[Any]:
     return [source[i] for i in indices]
 
 
-def _read_batch(source, indices) -> dict[str, np.ndarray]:
+def _read_batch(source, indices, center_crop: int | None = None) -> dict[str, np.ndarray]:
     """Reads records `indices` in one call, stacked: {'image': uint8 [n,H,W,C], 'label': int32 [n]}.
 
     Works for any random-access source of such records (a `get_source` one, a list in a test).
+    center_crop: `resize_center_crop` each image to that size first (variable-size images).
     """
     records = _getitems(source, indices)
-    return {
-        "image": np.stack([np.asarray(r["image"], np.uint8) for r in records]),
-        "label": np.asarray([r["label"] for r in records], np.int32),
-    }
+    images = [np.asarray(r["image"], np.uint8) for r in records]
+    if center_crop:
+        images = [resize_center_crop(image, center_crop) for image in images]
+    return {"image": np.stack(images), "label": np.asarray([r["label"] for r in records], np.int32)}
 
 
 def train_iterator(
-    data_config: ml_collections.ConfigDict, global_batch_size: int, seed: int
+    data_config: ml_collections.ConfigDict, global_batch_size: int, seed: int, crop: HostCrop | None = None
 ) -> grain.DatasetIterator:
-    """Infinite, shuffled (new order every epoch, from `seed`) grain iterator over the train split.
+    """Infinite, shuffled (new order every epoch, from `seed`) grain iterator over the train split
+    (data_config.train_split, else the dataset's).
 
     Each JAX process reads only its own shard (rows process_index::process_count) and yields
-    process-local batches {'image': uint8 [global_batch_size // process_count, H, W, C],
-    'label': int32 [...]}. The iterator has get_state()/set_state(), so orbax can save it with
+    process-local batches of b = global_batch_size // process_count examples:
+      fixed-size images (crop=None): {'image': uint8 [b, H, W, C], 'label': int32 [b]};
+      variable-size images (crop required): {'views': uint8 [b, crop.num_crops, S, S, C],
+      'label': int32 [b]}, S = crop.image_size.
+    The iterator has get_state()/set_state(), so orbax can save it with
     grain.checkpoint.CheckpointSave and restore it with CheckpointRestore; a restored iterator
     continues with exactly the batches the original would have produced next.
     """
+    spec = _spec(data_config)
+    if (crop is None) != (spec.image_shape is not None):
+        raise ValueError(
+            f"{data_config.name}: train_iterator takes crop=HostCrop(...) for datasets of variable-size "
+            f"images, and only for those (stored shape {spec.image_shape}, crop={crop})."
+        )
     local_batch = _local_batch_size(global_batch_size)
-    source = get_source(data_config, _spec(data_config).train_split)
-    # Shuffle and batch record *indices*, then read each batch of records with one call: grain's
-    # per-record path costs more Python per image than the read itself.
+    source = get_source(data_config, data_config.get("train_split") or spec.train_split)
     indices = grain.MapDataset.range(len(source))[jax.process_index() :: jax.process_count()]
-    ds = (
-        indices.seed(seed)
-        .shuffle()  # re-seeded each epoch by repeat()
-        .repeat()
-        .batch(local_batch, drop_remainder=True)
-        .map(lambda idx: _read_batch(source, idx))
-    )
-    # One reader thread with a small buffer: enough to overlap reading with the train step, and
-    # light on a 2-core machine (more threads only fight over the GIL).
-    read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
-    return iter(ds.to_iter_dataset(read_options))
+    epochs = indices.seed(seed).shuffle().repeat()  # re-seeded each epoch by repeat()
+    if crop is None:
+        # Batch record *indices*, then read each batch of records with one call: grain's per-record
+        # path costs more Python per image than the read itself. One reader thread with a small
+        # buffer: enough to overlap reading with the train step, and light on a 2-core machine.
+        ds = epochs.batch(local_batch, drop_remainder=True).map(lambda idx: _read_batch(source, idx))
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+    # Per record, decoding dominates: records are read, decoded and cropped by parallel threads,
+    # each record's crops drawn from a generator seeded by `seed` and its position in the stream.
+    ds = epochs.map(source.__getitem__).random_map(functools.partial(_crop_record, crop=crop))
+    read_options = grain.ReadOptions(num_threads=_HOST_CROP_THREADS, prefetch_buffer_size=local_batch)
+    return iter(ds.to_iter_dataset(read_options).batch(local_batch, drop_remainder=True))
 
 
-def eval_batches(source, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    source, global_batch_size: int, center_crop: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
     """Yields process-local batches over the whole split in order, exactly once.
 
     Every process yields the same number of batches, ceil(N / global_batch_size), so collectives
-    never deadlock. Each batch is {'image': uint8 [global_batch_size // process_count, ...],
+    never deadlock. Each batch is {'image': uint8 [global_batch_size // process_count, H, W, C],
     'label': int32 [...], 'mask': bool [...]}, padded at the end with mask=False. Process p takes
-    rows [p * b_local, (p + 1) * b_local) of each global batch.
+    rows [p * b_local, (p + 1) * b_local) of each global batch. center_crop=S (needed for
+    variable-size images): each image is resized, shorter side round(S / 0.875), and centre-cropped
+    to S x S on the host.
     """
     local_batch = _local_batch_size(global_batch_size)
     n = len(source)
@@ -380,7 +519,7 @@ def eval_batches(source, global_batch_size: int) -> Iterator[dict[str, np.ndarra
         start = step * global_batch_size + offset
         indices = np.arange(start, min(start + local_batch, n))
         valid = len(indices)
-        batch = _read_batch(source, indices if valid else [0])  # [0]: only for the shapes
+        batch = _read_batch(source, indices if valid else [0], center_crop)  # [0]: only for the shapes
         if valid < local_batch:  # the last global batch: pad with zeros, masked out
             pad = local_batch - valid
             batch = {

@@ -1,5 +1,5 @@
 """Evaluation pieces: the kNN monitor (k=200, T=0.2 on L2-normalised backbone features) and the
-collapse monitor z_std (GSG.md)."""
+collapse monitors z_std and effective_rank (GSG.md)."""
 import functools
 
 import jax
@@ -20,6 +20,15 @@ def z_std(z):
     """Per-channel std of z / ||z|| over the batch, averaged over channels: about 1/sqrt(d) when healthy,
     0 when every example maps to the same direction (collapse)."""
     return jnp.mean(jnp.std(l2_normalize(z.astype(jnp.float32)), axis=0))
+
+
+def effective_rank(z):
+    """Effective rank of a batch of projections z [N, D] (Roy & Vetterli 2007): exp of the Shannon entropy of
+    the singular values normalised to sum 1. As in RankMe (Garrido et al. 2023), z is used as it is, neither
+    centred nor L2-normalised, so a collapsed batch (all rows equal) has rank 1. RankMe adds 1e-7 to each
+    normalised value against log(0); here 0 log 0 = 0 instead. Between 1 and min(N, D)."""
+    s = jnp.linalg.svd(z.astype(jnp.float32), compute_uv=False)
+    return jnp.exp(jnp.sum(jax.scipy.special.entr(s / jnp.sum(s))))
 
 
 def embed_dataset(embed_fn, batches, mesh):

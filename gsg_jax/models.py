@@ -1,8 +1,10 @@
-"""Encoders for SimSiam / BYOL: a CIFAR-style ResNet backbone, the SimSiam projector and predictor MLPs.
+"""Encoders for SimSiam / BYOL: ResNet backbones (CIFAR and ImageNet stems), the SimSiam projector and
+predictor MLPs.
 
-Batch norm everywhere here runs under jax.jit over a batch sharded across devices. No axis_name is needed:
-the module sees the global (logical) batch and XLA computes its mean and variance across all shards, so
-batch norm is synchronised across devices by construction (SyncBN, as in the SimSiam/BYOL recipes).
+Batch norm here is synchronised across devices (SyncBN, as in the SimSiam/BYOL recipes) by construction,
+with no axis_name: under jax.jit the batch is one global array sharded over the mesh, so the jnp.mean over
+the batch axis that gives the batch statistics reduces over every example, and XLA computes it across the
+shards. An axis_name is only needed where a module sees one device's shard (pmap, shard_map); none runs so.
 
 Parameters are float32; `dtype` is the compute dtype (bfloat16 on accelerators). BatchNorm reductions stay
 in float32 (flax's force_float32_reductions). Initialisers follow PyTorch's ResNet (Kaiming normal,
@@ -17,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 ModuleDef = Any
-
 
 
 def _conv_init(key, shape, dtype=jnp.float32):
@@ -37,13 +38,28 @@ def _batch_norm(train: bool, dtype, **kwargs):
                              dtype=dtype, **kwargs)
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
+class ResidualBlock(nn.Module):
+    """Fields and the shortcut shared by the ResNet blocks; subclasses give __call__ and `expansion`."""
     features: int
     strides: int
     conv: ModuleDef
     norm: ModuleDef
     zero_init_residual: bool = False
+
+    def last_norm(self, name: str):
+        # Zero gamma in the last BN makes the block start as its shortcut (Goyal et al.; SimSiam ImageNet).
+        scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        return self.norm(scale_init=scale_init, name=name)
+
+    def add_shortcut(self, x, y):
+        if x.shape != y.shape:  # downsample / widen the shortcut: 1x1 conv + BN, as in torchvision
+            x = self.conv(y.shape[-1], (1, 1), self.strides, padding=0, name="shortcut_conv")(x)
+            x = self.norm(name="shortcut_bn")(x)
+        return nn.relu(x + y)
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
     expansion: ClassVar[int] = 1
 
     @nn.compact
@@ -52,24 +68,36 @@ class BasicBlock(nn.Module):
         y = self.conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = self.conv(self.features, (3, 3), 1, padding=1, name="conv2")(y)
-        # Zero gamma in the last BN makes the block start as the identity (Goyal et al.; SimSiam ImageNet).
-        scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        y = self.norm(scale_init=scale_init, name="bn2")(y)
-        if x.shape != y.shape:  # downsample / widen the shortcut: 1x1 conv + BN, as in torchvision
-            x = self.conv(self.features, (1, 1), self.strides, padding=0, name="shortcut_conv")(x)
-            x = self.norm(name="shortcut_bn")(x)
-        return nn.relu(x + y)
+        return self.add_shortcut(x, self.last_norm("bn2")(y))
+
+
+class BottleneckBlock(ResidualBlock):
+    """1x1 reduce, 3x3, 1x1 expand (x4) with a residual connection (ResNet-50/101/152). The stride is on the
+    3x3 conv, as in torchvision's ResNet v1.5 (the original paper put it on the first 1x1 conv)."""
+    expansion: ClassVar[int] = 4
+
+    @nn.compact
+    def __call__(self, x):
+        y = self.conv(self.features, (1, 1), 1, padding=0, name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.features, (3, 3), self.strides, padding=1, name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.conv(self.features * self.expansion, (1, 1), 1, padding=0, name="conv3")(y)
+        return self.add_shortcut(x, self.last_norm("bn3")(y))
 
 
 class ResNet(nn.Module):
-    """CIFAR-style ResNet: 3x3 stride-1 stem, no max-pool; returns globally pooled features [B, feature_dim].
+    """ResNet backbone; returns globally pooled features [B, feature_dim].
 
-    Batch norm is synchronised across devices by construction (see the module docstring): the batch it
-    normalises over is the global batch under jit, with no axis_name.
+    stem="cifar": 3x3 stride-1 conv, no max-pool (small images); stem="imagenet": 7x7 stride-2 conv, then a
+    3x3 stride-2 max-pool, as in torchvision.
     """
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     block_cls: ModuleDef = BasicBlock
-    width: float = 1.0             # multiplier on the stage widths 64, 128, 256, 512
+    stem: str = "cifar"
+    # Multiplier on every width (stem 64, stages 64-512, x4 out of bottlenecks), as in SimCLR's ResNet-50
+    # (2x), not torchvision's wide_resnet50_2, which widens only the bottlenecks' inner convs.
+    width: float = 1.0
     base_features: int = 64
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
@@ -83,10 +111,17 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
+        if self.stem not in ("cifar", "imagenet"):
+            raise ValueError(f"ResNet stem={self.stem!r} is unknown; choose 'cifar' or 'imagenet'.")
         conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init)
         norm = _batch_norm(train, self.dtype)
-        x = conv(self.stage_features(0), (3, 3), 1, padding=1, name="stem_conv")(x)
+        imagenet = self.stem == "imagenet"
+        kernel = 7 if imagenet else 3
+        x = conv(self.stage_features(0), (kernel, kernel), 2 if imagenet else 1, padding=kernel // 2,
+                 name="stem_conv")(x)
         x = nn.relu(norm(name="stem_bn")(x))
+        if imagenet:  # padded with -inf, like PyTorch's MaxPool2d(3, 2, padding=1)
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 x = self.block_cls(features=self.stage_features(i), strides=2 if i > 0 and j == 0 else 1,
@@ -98,6 +133,11 @@ class ResNet(nn.Module):
 # Basic-block ResNets by depth; 10 is the tiny configs' version of 18 (same stages, one block each).
 CIFAR_STAGE_SIZES = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
+# He et al. 2016, Table 1: block type and blocks per stage.
+IMAGENET_ARCHS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
+                  50: (BottleneckBlock, (3, 4, 6, 3)), 101: (BottleneckBlock, (3, 4, 23, 3)),
+                  152: (BottleneckBlock, (3, 8, 36, 3))}
+
 
 def resnet_cifar(depth: int = 18, width: float = 1.0, dtype: Any = jnp.float32,
                  zero_init_residual: bool = False) -> ResNet:
@@ -108,10 +148,21 @@ def resnet_cifar(depth: int = 18, width: float = 1.0, dtype: Any = jnp.float32,
                   zero_init_residual=zero_init_residual, dtype=dtype)
 
 
+def resnet_imagenet(depth: int = 50, width: float = 1.0, dtype: Any = jnp.float32,
+                    zero_init_residual: bool = True) -> ResNet:
+    """torchvision's ResNet (v1.5) without the fc head: 2048 x width features for depth >= 50, else 512 x
+    width. zero_init_residual is on by default, as in the SimSiam and GSG ImageNet recipes."""
+    if depth not in IMAGENET_ARCHS:
+        raise ValueError(f"config.model.depth={depth} is not an ImageNet ResNet depth; choose one of "
+                         f"{sorted(IMAGENET_ARCHS)}.")
+    block_cls, stage_sizes = IMAGENET_ARCHS[depth]
+    return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, stem="imagenet", width=width,
+                  zero_init_residual=zero_init_residual, dtype=dtype)
+
+
 class MLP(nn.Module):
     """SimSiam projector: num_layers linear layers, BN after each (BN + ReLU on hidden layers, the last BN
-    without affine parameters). Linear layers have no bias since a BN follows. BN is synchronised across
-    devices by construction (see the module docstring)."""
+    without affine parameters). Linear layers have no bias since a BN follows."""
     hidden_dim: int
     out_dim: int
     num_layers: int = 2
@@ -128,8 +179,7 @@ class MLP(nn.Module):
 
 
 class Predictor(nn.Module):
-    """SimSiam predictor: Linear(hidden, no bias) - BN - ReLU - Linear(out, with bias). BN is synchronised
-    across devices by construction (see the module docstring)."""
+    """SimSiam predictor: Linear(hidden, no bias) - BN - ReLU - Linear(out, with bias)."""
     hidden_dim: int
     out_dim: int
     dtype: Any = jnp.float32

@@ -23,10 +23,12 @@ def learning_rate_schedule(opt_config, batch_size: int, total_updates: int) -> o
 
 
 def decay_mask(decay_bias_and_norm: bool):
-    """Weight decay on every parameter, or (False) only on matrices and kernels, not on biases and norm gains."""
+    """Weight decay on every parameter, or (False) not on biases and norm gains: flax names them "bias" and
+    "scale" (a name, not the number of dimensions: attention biases are [heads, head_dim])."""
     if decay_bias_and_norm:
         return None
-    return lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale"), params)
 
 
 def _base_optimizer(opt_config, learning_rate) -> optax.GradientTransformation:

@@ -25,6 +25,9 @@ class Task(Protocol):
     def train_iterator(self) -> Iterator[PyTree]:
         """Infinite iterator of process-local numpy batches, checkpointable (grain get_state/set_state)."""
 
+    # Optional: after_update(params, model_state, num_updates) -> model_state, called inside the jitted
+    # step after each optimizer update with the new parameters (e.g. an EMA target network).
+
     @property
     def evaluators(self) -> Mapping[str, Callable[[PyTree, PyTree], Mapping[str, float]]]:
         """Evaluator name -> fn(params, model_state) returning {metric name: value}."""

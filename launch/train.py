@@ -24,19 +24,41 @@ def make_task(config, mesh):
     return importlib.import_module(config.task).make_task(config, mesh)
 
 
-def create_train_state(task, tx, rng, mesh, rules):
-    """Builds the train state directly on its shardings: eval_shape finds shapes and logical axes without
-    allocating anything, then a jitted init writes every array straight into its shards."""
+def _abstract_train_state(task, tx, rng):
+    """(init function, boxed abstract train state): shapes and logical axes, nothing allocated."""
     def init(rng):
         params, model_state = task.init(rng)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                           opt_state=tx.init(params))
 
-    boxed = jax.eval_shape(init, rng)
+    return init, jax.eval_shape(init, rng)
+
+
+def create_train_state(task, tx, rng, mesh, rules):
+    """Builds the train state directly on its shardings: eval_shape finds shapes and logical axes without
+    allocating anything, then a jitted init writes every array straight into its shards."""
+    init, boxed = _abstract_train_state(task, tx, rng)
     shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
     # Optimizer state made from boxed params mirrors their boxes; unboxing leaves plain arrays everywhere.
     state = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(rng)
     return state, shardings
+
+
+def dry_run(config, mesh) -> dict:
+    """Builds the train state abstractly on the configured mesh (nothing allocated); returns and prints
+    the parameter count and the bytes of train state (params + optimizer state) each device holds."""
+    task = make_task(config, mesh)
+    tx, _ = optim.make_optimizer(config.optimizer, config.batch_size, config.total_steps)
+    _, boxed = _abstract_train_state(task, tx, jax.random.key(config.seed))
+    shardings = mesh_lib.logical_shardings(boxed, mesh, config.sharding_rules)
+    abstract = nn.unbox(boxed)
+    # Every device holds one shard of every array (a replicated array's shard is all of it).
+    per_device = sum(int(np.prod(sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+                     for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract.params)))
+    print(f"dry run: {n_params:,} parameters; train state {per_device / 2**30:.2f} GiB per device on the "
+          f"mesh {dict(mesh.shape)}.", flush=True)
+    return {"parameters": n_params, "train_state_bytes_per_device": per_device}
 
 
 def make_train_step(task, tx, schedule, grad_accum_steps: int, step_key, state_shardings, mesh):
@@ -46,6 +68,11 @@ def make_train_step(task, tx, schedule, grad_accum_steps: int, step_key, state_s
         (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if hasattr(task, "after_update"):  # e.g. BYOL's EMA target, once per optimizer update
+            num_updates = (state.step + 1) // grad_accum_steps
+            updated = task.after_update(params, model_state, num_updates)
+            applied = (state.step + 1) % grad_accum_steps == 0  # with accumulation, not every step updates
+            model_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), updated, model_state)
         grad_norm = optax.global_norm(grads)
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
                    "learning_rate": schedule(state.step // grad_accum_steps)}
@@ -110,17 +137,27 @@ def build(config, mesh):
     return task, state, shardings, train_step
 
 
+def select_evaluators(task, names, task_name: str) -> dict:
+    """The task's evaluators called `names`, in that order."""
+    unknown = set(names) - set(task.evaluators)
+    if unknown:
+        raise ValueError(f"Evaluators {sorted(unknown)} are not among those of {task_name}; choose from "
+                         f"{sorted(task.evaluators)}.")
+    return {name: task.evaluators[name] for name in names}
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config.task` for config.total_steps, resuming from workdir's checkpoints; returns the
     last evaluation results."""
     # ---------------------------------------------------------------- mesh, task, state, step
     mesh = mesh_lib.make_mesh(config.mesh)
+    if config.dry_run:
+        return dry_run(config, mesh)
     task, state, shardings, train_step = build(config, mesh)
-    unknown = set(config.evaluators) - set(task.evaluators)
-    if unknown:
-        raise ValueError(f"config.evaluators names {sorted(unknown)}, which {config.task} does not have; "
-                         f"choose from {sorted(task.evaluators)}.")
-    evaluators = {name: task.evaluators[name] for name in config.evaluators}
+    evaluators = select_evaluators(task, config.evaluators, config.task)
+    # Each evaluator runs every eval_every_steps unless the task asks for its own interval.
+    every = {name: getattr(task, "evaluator_every_steps", {}).get(name, config.eval_every_steps)
+             for name in evaluators}
 
     # ---------------------------------------------------------------- resume
     data_iterator = task.train_iterator()
@@ -177,8 +214,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 print(f"Preempted: saved step {step} to {workdir}; rerun the same command to resume.",
                       flush=True)
                 return eval_results
-            if evaluators and (step % config.eval_every_steps == 0 or is_last):
-                eval_results = run_evaluators(evaluators, state, step, writer)
+            due = {name: fn for name, fn in evaluators.items() if step % every[name] == 0 or is_last}
+            if due:
+                eval_results = {**eval_results, **run_evaluators(due, state, step, writer)}
     finally:
         manager.wait_until_finished()
         manager.close()

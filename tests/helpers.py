@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from configs import simsiam
+from configs import byol, simsiam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -16,8 +16,8 @@ TINY_OVERRIDES = dict(
                           "model.pred_hidden_dim": 16, "aug.image_size": 16})
 
 
-def tiny_config(arg=None, **overrides):
-    config = simsiam.get_config(arg)
+def tiny_config(arg=None, method="simsiam", **overrides):
+    config = {"simsiam": simsiam, "byol": byol}[method].get_config(arg)
     config.evaluators = ()
     config.update_from_flattened_dict({**TINY_OVERRIDES, **overrides})
     return config

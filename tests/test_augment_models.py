@@ -19,8 +19,9 @@ def _config(kind, image_size):
     if kind.startswith("default"):
         return cfg
     # Everything off; "identity" also fixes the crop to the whole image and undoes normalisation.
-    for field in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+    for field in ("flip_prob", "color_jitter_prob", "grayscale_prob"):
         cfg[field] = 0.0
+    cfg.blur_prob = cfg.solarize_prob = (0.0, 0.0)  # (first view, second view)
     if kind.startswith("identity"):
         cfg.crop_scale, cfg.crop_ratio = (1.0, 1.0), (1.0, 1.0)
         cfg.mean, cfg.std = (0.0,) * channels, (1.0,) * channels
@@ -66,12 +67,25 @@ def test_identity_config_returns_image_over_255():
     np.testing.assert_allclose(out, images / 255.0, atol=1e-5)
 
 
-def test_flip_is_exact_and_colour_ops_skipped_for_one_channel():
-    # Colour jitter and grayscale are certain here, yet a single-channel image only gets flipped.
-    fn = _jitted_batch("identity_gray", 28, flip_prob=1.0, color_jitter_prob=1.0, grayscale_prob=1.0)
+def test_flip_is_exact_and_rgb_only_ops_skipped_for_one_channel():
+    # Saturation and hue jitter and grayscale are certain here, yet a single-channel image is only flipped.
+    fn = _jitted_batch("identity_gray", 28, flip_prob=1.0, color_jitter_prob=1.0,
+                       color_jitter=(0.0, 0.0, 0.4, 0.1), grayscale_prob=1.0)
     images = _images((4, 28, 28, 1))
     out = fn(images, jax.random.split(jax.random.key(0), 4))
     np.testing.assert_allclose(out, images[:, :, ::-1] / 255.0, atol=1e-5)
+
+
+def test_brightness_jitter_applies_to_one_channel():
+    # Brightness alone adds one random shift per image, then clips to [0, 1].
+    fn = _jitted_batch("identity_gray", 28, color_jitter_prob=1.0, color_jitter=(0.4, 0.0, 0.0, 0.0))
+    images = _images((4, 28, 28, 1))
+    out = np.asarray(fn(images, jax.random.split(jax.random.key(0), 4)))
+    shift = out - np.asarray(images) / 255.0
+    for image_out, image_shift in zip(out, shift):
+        inside = (image_out > 0) & (image_out < 1)
+        assert 0 < abs(image_shift[inside].mean()) <= 0.4
+        np.testing.assert_allclose(image_shift[inside], image_shift[inside].mean(), atol=1e-5)
 
 
 def test_grayscale_applies_to_rgb():

@@ -6,6 +6,7 @@ import socket
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -88,7 +89,9 @@ def test_find_idx_files(tmp_path):
 def test_default_data_config():
     cfg = data.default_data_config()
     assert cfg.name == "fashion_mnist" and cfg.idx_dir == REAL_IDX_DIR and cfg.data_dir is None
-    cfg.data_dir = "/some/dir"  # a str placeholder: overridable from the command line
+    assert cfg.train_split is None
+    cfg.data_dir = "/some/dir"  # str placeholders: overridable from the command line
+    cfg.train_split = "train+unlabelled"
     assert data.DATASETS["fashion_mnist"] == data.DatasetSpec((28, 28, 1), 10, "train", "test")
 
 
@@ -251,6 +254,130 @@ def test_missing_files_error(tmp_path, monkeypatch):
     assert message.startswith("Fashion-MNIST not found")
     assert "apt-get install dataset-fashion-mnist" in message
     assert "--config.data.idx_dir" in message and "network is unreachable" in message
+
+
+# --- Other TFDS datasets under tfds.testing.mock_data ---------------------------------------------
+
+CROP = data.HostCrop(image_size=16, num_crops=4, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
+
+
+@pytest.fixture
+def named_cfg(tmp_path):
+    """Config for dataset `name`, its records served at random by mock_data."""
+
+    def make(name):
+        cfg = config(tmp_path / "empty", tmp_path / "tfds")
+        cfg.name = name
+        return cfg
+
+    with tfds.testing.mock_data(num_examples=NUM_MOCK):
+        yield make
+
+
+def assert_labels(batch, name):
+    assert batch["label"].shape == (len(batch["label"]),) and batch["label"].dtype == np.int32
+    assert ((0 <= batch["label"]) & (batch["label"] < data.DATASETS[name].num_classes)).all()
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10"])
+def test_fixed_size_datasets(named_cfg, name):
+    cfg, spec = named_cfg(name), data.DATASETS[name]
+    batches = [next(data.train_iterator(cfg, 16, seed=0)) for _ in range(2)]
+    for b in batches:
+        assert set(b) == {"image", "label"}
+        assert b["image"].shape == (16, *spec.image_shape) and b["image"].dtype == np.uint8
+        assert_labels(b, name)
+    np.testing.assert_array_equal(batches[0]["image"], batches[1]["image"])  # same seed, same batch
+    b = next(data.eval_batches(data.get_source(cfg, spec.eval_split), 16))
+    assert b["image"].shape == (16, *spec.image_shape) and b["mask"].all()
+    assert_labels(b, name)
+
+
+def test_train_split_override(named_cfg, monkeypatch):
+    """STL-10 pretraining on its labelled and unlabelled images; the kNN bank keeps `train`."""
+    cfg = named_cfg("stl10")
+    splits = []
+    get_source = data.get_source
+    monkeypatch.setattr(data, "get_source", lambda c, split: splits.append(split) or get_source(c, split))
+    next(data.train_iterator(cfg, 8, seed=0))
+    cfg.train_split = "train+unlabelled"
+    next(data.train_iterator(cfg, 8, seed=0))
+    assert splits == ["train", "train+unlabelled"]
+
+
+def test_imagenet_host_crops(named_cfg):
+    """Variable-size records (mock sizes 5-49 px) become num_crops crops each, taken on the host."""
+    cfg = named_cfg("imagenet2012")
+    it = data.train_iterator(cfg, 8, seed=0, crop=CROP)
+    first = [next(it) for _ in range(3)]
+    for b in first:
+        assert set(b) == {"views", "label"}
+        assert b["views"].shape == (8, 4, 16, 16, 3) and b["views"].dtype == np.uint8
+        assert_labels(b, "imagenet2012")
+    views = first[0]["views"]
+    assert all(not np.array_equal(views[:, 0], views[:, k]) for k in range(1, 4))  # independent crops
+    state = it.get_state()
+    want = [next(it) for _ in range(2)]
+    # Same seed: the same crops, from the start or from a saved state; another seed: other crops.
+    again = data.train_iterator(cfg, 8, seed=0, crop=CROP)
+    np.testing.assert_array_equal(next(again)["views"], views)
+    again.set_state(state)
+    for w, g in zip(want, [next(again) for _ in range(2)]):
+        np.testing.assert_array_equal(w["views"], g["views"])
+        np.testing.assert_array_equal(w["label"], g["label"])
+    assert not np.array_equal(next(data.train_iterator(cfg, 8, seed=1, crop=CROP))["views"], views)
+    # Eval: resized and centre-cropped on the host, the fixed-size padding and masking contract.
+    batches = list(data.eval_batches(data.get_source(cfg, "validation"), 16, center_crop=16))
+    assert len(batches) == 4 and [b["mask"].sum() for b in batches] == [16, 16, 16, 2]
+    for b in batches:
+        assert b["image"].shape == (16, 16, 16, 3) and b["image"].dtype == np.uint8
+        assert not b["image"][~b["mask"]].any()
+
+
+def test_host_crop_only_for_variable_size(named_cfg):
+    with pytest.raises(ValueError, match="crop=HostCrop"):
+        data.train_iterator(named_cfg("imagenet2012"), 8, seed=0)
+    with pytest.raises(ValueError, match="crop=HostCrop"):
+        data.train_iterator(named_cfg("cifar10"), 8, seed=0, crop=CROP)
+
+
+def test_missing_prepared_dataset_error(tmp_path):
+    cfg = config(tmp_path / "empty", tmp_path / "tfds")
+    cfg.name = "imagenet2012"
+    with pytest.raises(FileNotFoundError) as e:
+        data.get_source(cfg, "validation")
+    message = str(e.value)
+    assert message.startswith("TFDS dataset 'imagenet2012' (split 'validation') not found as array_record")
+    assert str(tmp_path / "tfds") in message and "--config.data.data_dir=DIR" in message
+    assert "tfds build imagenet2012 --file_format=array_record --data_dir=DIR --manual_dir=" in message
+
+
+# --- Host crops ------------------------------------------------------------------------------------
+
+
+def test_crop_window_torchvision_semantics():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = data.crop_window(rng, 40, 60, (0.2, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= top <= 40 - h and 0 <= left <= 60 - w
+        assert 0.2 * 2400 * 0.9 <= h * w <= 2400 and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1  # up to rounding
+    # No draw fits a 10 x 1000 strip: the centred fallback, its ratio clamped to 4/3.
+    assert data.crop_window(rng, 10, 1000, (0.9, 1.0), (3 / 4, 4 / 3)) == (0, 493, 10, 13)
+    assert data.crop_window(rng, 1000, 10, (0.9, 1.0), (3 / 4, 4 / 3)) == (493, 0, 13, 10)
+
+
+def test_random_resized_crops_and_center_crop():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    whole = data.HostCrop(image_size=8, num_crops=2, scale=(1.0, 1.0), ratio=(1.5, 1.5))
+    views = data.random_resized_crops(image, rng, whole)  # the whole image, resized to 8 x 8
+    expected = np.asarray(Image.fromarray(image).resize((8, 8), Image.Resampling.BILINEAR))
+    assert views.shape == (2, 8, 8, 3) and views.dtype == np.uint8
+    np.testing.assert_array_equal(views, np.stack([expected, expected]))
+    # Shorter side already round(7 / 0.875) = 8: no resize, only the centre crop (left = round(2.5)).
+    np.testing.assert_array_equal(data.resize_center_crop(image, 7), image[0:7, 2:9])
+    np.testing.assert_array_equal(data.resize_center_crop(image[..., :1], 7), image[0:7, 2:9, :1])
+    assert data.resize_center_crop(image.transpose(1, 0, 2), 16).shape == (16, 16, 3)
 
 
 # --- The real files (Debian's dataset-fashion-mnist) ----------------------------------------------

@@ -1,0 +1,40 @@
+"""Every config in configs/, with its main args, builds and trains two steps under tfds mock data."""
+import importlib
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from launch import metrics, train
+from tests import helpers
+
+CASES = [
+    ("simsiam", ""),
+    ("simsiam", "gsg=0"),
+    ("simsiam", "predictor=0"),
+    ("simsiam", "crops=two_crop,batch=64"),
+    ("simsiam", "dataset=cifar10"),
+    ("simsiam", "dataset=imagenet2012"),
+    ("byol", ""),
+    ("byol", "gsg=0,predictor=0"),
+]
+
+
+def tiny(name, arg, tmp_path):
+    config = importlib.import_module(f"configs.{name}").get_config(arg)
+    config.update_from_flattened_dict({
+        **helpers.TINY_OVERRIDES, "total_steps": 2, "checkpoint_every_steps": 2,
+        "data.data_dir": str(tmp_path / "tfds"), "data.idx_dir": str(tmp_path / "no_idx_files")})
+    if config.model.backbone == "resnet_imagenet":
+        config.model.depth = 18  # the smallest ImageNet ResNet
+    config.evaluators = ()
+    return config
+
+
+@pytest.mark.parametrize("name,arg", CASES, ids=[f"{n}:{a}" for n, a in CASES])
+def test_config_trains_two_steps_under_mock_data(name, arg, tmp_path):
+    config = tiny(name, arg, tmp_path)
+    with tfds.testing.mock_data(num_examples=64):
+        train.train_and_evaluate(config, str(tmp_path / "work"))
+    losses = [row["loss"] for row in metrics.read_metrics(tmp_path / "work") if "loss" in row]
+    assert len(losses) == 2 and np.isfinite(losses).all()

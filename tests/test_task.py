@@ -1,0 +1,86 @@
+"""The GSG task: BYOL's EMA target (update, schedule, no gradient), and two_crop against four_crop."""
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gsg_jax import task as task_lib
+from launch import mesh as mesh_lib, train
+from tests import helpers
+
+
+def _batch(batch_size, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8),
+            "label": rng.integers(0, 10, (batch_size,)).astype(np.int32)}
+
+
+def _task(arg=None, method="simsiam", **overrides):
+    config = helpers.tiny_config(arg, method, **overrides)
+    mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+    return task_lib.make_task(config, mesh), config
+
+
+def _count_encoder_passes(arg, method):
+    """Encoder convolutions in the traced loss, those over a batch of images (the augmentation's vmapped blur
+    runs one convolution over batch x channels): proportional to the number of encoder passes."""
+    task, config = _task(arg, method)
+    params, model_state = task.init(jax.random.key(0))
+    jaxpr = jax.make_jaxpr(task.loss)(params, model_state, _batch(config.batch_size), jax.random.key(1))
+
+    def convs(jaxpr):
+        count = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated" and eqn.invars[0].aval.shape[0] == config.batch_size:
+                count += 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                count += convs(sub)
+        return count
+
+    return convs(jaxpr.jaxpr)
+
+
+@pytest.mark.parametrize("method", ["simsiam", "byol"])
+def test_two_crop_does_half_the_encoder_passes_of_four_crop(method):
+    four, two = (_count_encoder_passes(f"crops={crops}", method) for crops in ("four_crop", "two_crop"))
+    assert four > 0 and four == 2 * two
+    assert _count_encoder_passes("gsg=0", method) == two  # the baseline: two views per image
+
+
+def test_ema_decay_schedules():
+    byol = helpers.tiny_config(method="byol").byol
+    byol.tau_base = 0.99
+    byol.tau_schedule = "constant"
+    np.testing.assert_allclose(task_lib.ema_decay(byol, 7, 100), 0.99)
+    byol.tau_schedule = "cosine"
+    for k, expected in ((0, 0.99), (50, 0.995), (100, 1.0)):
+        np.testing.assert_allclose(task_lib.ema_decay(byol, k, 100), expected, rtol=1e-6)
+
+
+def test_byol_target_gets_no_gradient_and_follows_the_ema_of_the_online_encoder():
+    task, config = _task(method="byol")
+    params, model_state = task.init(jax.random.key(0))
+    target = model_state["target"]["params"]
+    assert set(target) == {"backbone", "projector"}
+    jax.tree.map(np.testing.assert_array_equal, target, {k: params[k] for k in target})
+
+    def loss_of_target(target_params):
+        state = {**model_state, "target": {**model_state["target"], "params": target_params}}
+        return task.loss(params, state, _batch(config.batch_size), jax.random.key(1))[0]
+
+    grads = jax.grad(loss_of_target)(target)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+
+    # One step of the shared loop: the target moves to tau * target + (1 - tau) * new online parameters.
+    mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+    _, state, _, train_step = train.build(config, mesh)
+    before = jax.device_get(state.model_state["target"]["params"])
+    state, _, finite = train_step(state, mesh_lib.to_global_batch(_batch(config.batch_size), mesh))
+    assert bool(finite)
+    tau = config.byol.tau_base
+    online = jax.device_get({k: state.params[k] for k in before})
+    expected = jax.tree.map(lambda t, o: tau * t + (1 - tau) * o, before, online)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected,
+                 jax.device_get(state.model_state["target"]["params"]))
+    assert not np.allclose(jax.tree.leaves(online)[0], jax.tree.leaves(before)[0])
