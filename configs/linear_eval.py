@@ -43,13 +43,15 @@ def get_config(arg=None):
     # The backbone's input: the pretraining's image size and normalisation.
     config.aug.image_size = pretraining.aug.image_size
     config.aug.mean, config.aug.std = tuple(pretraining.aug.mean), tuple(pretraining.aug.std)
-    # Mild crops (CIFAR-style, mostly shifts) and flips: at 2 epochs ImageNet's scale (0.08, 1) gave 0.58
-    # against 0.66 for (0.8, 1) (SimSiam pretrained for 100 steps; whole images at test time).
-    config.aug.crop_scale = (0.8, 1.0)
+    # Whole images and flips. A 650-parameter classifier trained for 2 epochs cannot overfit, so crops only
+    # add a train/test mismatch: linear_top1 0.739 against 0.712 with crops of scale (0.8, 1) and 0.609 with
+    # ImageNet's (0.08, 1) (GSG SimSiam pretrained for 100 steps). ImageNet's protocol:
+    # --config.aug.crop_scale="(0.08,1.0)" --config.aug.crop_ratio="(0.75,1.3333)".
+    config.aug.crop_scale, config.aug.crop_ratio = (1.0, 1.0), (1.0, 1.0)
     config.aug.update(dict(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0),
                            solarize_prob=(0.0, 0.0)))
 
-    # lr 0.3-3 x batch/256 all gave 0.62 +- 0.01 (scale (0.5, 1)), 0.1 less.
+    # With crops of scale (0.8, 1): lr 1.0 gave 0.712, 0.3 gave 0.699, 0.1 gave 0.685.
     config.optimizer.update(dict(name="sgd", lr=1.0, weight_decay=0.0))
     config.knn = ml_collections.ConfigDict(dict(k=200, temperature=0.2))
     config.eval_batch_size = 1000

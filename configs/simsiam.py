@@ -2,7 +2,8 @@
 
 Args (comma separated): gsg (1 = GSG, 0 = the baseline), dataset (the recipe: fashion_mnist, cifar10,
 cifar100, stl10, imagenet2012), predictor (1, or 0 for p = z), batch (0 = the recipe's batch size; other
-values scale the learning rate linearly), crops (four_crop, the paper, or two_crop).
+values scale the learning rate linearly), crops (four_crop, the paper, or two_crop), backbone (resnet, the
+recipe's ResNet, or vit: peri_ln's ViT with AdamW, see below).
 
 Recipes, each one command (add `:gsg=0` for the baseline, `,predictor=0` for no predictor, `,batch=64` for a
 small-batch run):
@@ -19,6 +20,12 @@ small-batch run):
 - imagenet2012: the GSG paper's setting. ResNet-50, MoCo-v2 augmentations on 224 px crops (random resized
   crop on the host, the rest on the device), batch 512, SGD lr 0.05 x batch / 256, wd 1e-4, 100 epochs,
   projector 2048-2048-2048, predictor 2048-512-2048, fixed predictor lr.
+
+backbone=vit swaps the ResNet for peri_ln's ViT (the LM's Transformer block, no causal mask, pooled):
+on fashion_mnist depth 4, width 64, 2 heads, 4 px patches (16 tokens); elsewhere ViT-S (depth 12, width
+384, 6 heads) on 4, 8 or 16 px patches (CIFAR, STL-10, ImageNet), not run here. Norms default to Peri-LN;
+`--config.model.norm_placement=pre` (or post, output) and `--config.model.norm_type=rmsnorm` switch them.
+AdamW replaces SGD (details at config.optimizer below); projector, predictor and data stay the recipe's.
 """
 import math
 
@@ -35,12 +42,24 @@ _RECIPES = {
     "stl10": (105_000, 200, 256, 0.05, 5e-4, 96),
     "imagenet2012": (1_281_167, 100, 512, 0.05, 1e-4, 224),
 }
+# backbone=vit: dataset -> (depth, width = d_model, heads, patch px, AdamW base lr per 256)
+_VIT_RECIPES = {
+    "fashion_mnist": (4, 64, 2, 4, 1e-3),
+    "cifar10": (12, 384, 6, 4, 5e-4),
+    "cifar100": (12, 384, 6, 4, 5e-4),
+    "stl10": (12, 384, 6, 8, 5e-4),
+    "imagenet2012": (12, 384, 6, 16, 5e-4),
+}
+BACKBONES = ("resnet", "vit")
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, gsg=True, dataset="fashion_mnist", predictor=True, batch=0, crops="four_crop")
+    arg = common.parse_arg(arg, gsg=True, dataset="fashion_mnist", predictor=True, batch=0, crops="four_crop",
+                           backbone="resnet")
     if arg.dataset not in _RECIPES:
         raise ValueError(f"config arg dataset={arg.dataset!r} has no recipe; choose one of {sorted(_RECIPES)}.")
+    if arg.backbone not in BACKBONES:
+        raise ValueError(f"config arg backbone={arg.backbone!r} is unknown; choose one of {BACKBONES}.")
     examples, epochs, recipe_batch, lr, weight_decay, image_size = _RECIPES[arg.dataset]
     config = common.loop_config()
     config.task = "gsg_jax"
@@ -67,16 +86,28 @@ def get_config(arg=None):
         config.aug.blur_prob = (0.0, 0.0)   # SimSiam's CIFAR recipe has no blur; at 16 px it would erase the image
 
     small = arg.dataset != "imagenet2012"
+    if arg.backbone == "resnet":
+        cifar_stem = arg.dataset in ("fashion_mnist", "cifar10", "cifar100")
+        backbone = dict(
+            backbone="resnet_cifar" if cifar_stem else "resnet_imagenet",
+            depth=18 if small else 50,
+            width=0.125 if arg.dataset == "fashion_mnist" else 1.0,   # a multiplier on every ResNet width
+            zero_init_residual=not small,  # ResNet-50 recipe: each block's last BN gamma starts at 0
+        )
+    else:
+        depth, width, num_heads, patch_size, vit_lr = _VIT_RECIPES[arg.dataset]
+        backbone = dict(
+            backbone="vit", depth=depth, width=width, num_heads=num_heads, patch_size=patch_size,
+            norm_placement="peri",   # peri | pre | post | output (peri_ln/model.py)
+            norm_type="layernorm",   # layernorm | rmsnorm
+        )
     config.model = ml_collections.ConfigDict(dict(
-        backbone="resnet_cifar" if arg.dataset in ("fashion_mnist", "cifar10", "cifar100") else "resnet_imagenet",
-        depth=18 if small else 50,
-        width=0.125 if arg.dataset == "fashion_mnist" else 1.0,
+        **backbone,
         proj_hidden_dim=2048,
         proj_out_dim=2048,
         proj_layers=2 if small else 3,   # SimSiam: 2 layers on CIFAR, 3 on ImageNet
         pred_hidden_dim=512,
         predictor=arg.predictor,
-        zero_init_residual=not small,  # ResNet-50 recipe: last BN gamma of each residual block starts at 0
     ))
     if arg.dataset == "fashion_mnist":  # smaller heads for the small CPU job
         config.model.update(dict(proj_hidden_dim=512, proj_out_dim=512, pred_hidden_dim=128))
@@ -89,6 +120,13 @@ def get_config(arg=None):
     # SGD momentum 0.9, cosine to 0, the predictor's lr held fixed (SimSiam). The offline default uses a
     # larger lr than SimSiam's CIFAR 0.03 x batch / 256 since it trains for under one epoch.
     config.optimizer.update(dict(name="sgd", lr=lr, weight_decay=weight_decay, fix_pred_lr=True))
+    if arg.backbone == "vit":
+        # AdamW, as ViTs are trained (DeiT, DINO, MoCo v3), with DeiT's weight decay 0.05 (not on biases and
+        # norm gains) and a warmup of 5% of the run (15 of the offline job's 300 steps; Adam's moments need
+        # ~1 / (1 - b2) = 20 steps). lr: DINO's 5e-4 x batch / 256 for ViT-S, doubled for the tiny ViT, which
+        # trains for under one epoch (as the ResNet's lr is raised); not tuned. The predictor's lr is fixed.
+        config.optimizer.update(dict(name="adamw", lr=vit_lr, weight_decay=0.05, decay_bias_and_norm=False,
+                                     warmup_steps=config.total_steps // 20))
     config.knn = ml_collections.ConfigDict(dict(k=200, temperature=0.2))
     config.eval_batch_size = 1000 if small else 500
     return config

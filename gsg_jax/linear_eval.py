@@ -1,10 +1,11 @@
 """Linear probe as a task of the shared training loop (config.task = "gsg_jax.linear_eval"): a linear
 classifier trained with labels on the frozen backbone of a pretraining run's latest checkpoint.
 
-The backbone's parameters and batch statistics live in model_state, not in params, so the optimizer never
-sees them; the backbone runs in inference mode (batch norm with its running averages) and its features go
-through stop_gradient. Evaluators: `linear` (linear_top1 on the test split) and `knn` (the kNN monitor on
-the frozen features, which stays at the pretraining run's last value: a reference)."""
+The backbone's parameters and batch statistics (a ResNet's; a ViT has none) live in model_state, not in
+params, so the optimizer never sees them; the backbone runs in inference mode (batch norm with its running
+averages) and its features go through stop_gradient. Evaluators: `linear` (linear_top1 on the test split)
+and `knn` (the kNN monitor on the frozen features, which stays at the pretraining run's last value: a
+reference)."""
 import functools
 import os
 
@@ -43,19 +44,23 @@ def load_pretraining_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_backbone(workdir: str, abstract_variables, sharding):
-    """The backbone's {'params', 'batch_stats'} from the latest checkpoint's train state, restored alone
-    (partial restore: no projector, predictor or optimizer state) as arrays with `sharding`."""
+    """The backbone's {'params'} and, where it has them (a ResNet; a ViT has none), {'batch_stats'} from the
+    latest checkpoint's train state, restored alone (partial restore: no projector, predictor or optimizer
+    state) as arrays with `sharding`."""
     manager, step = _latest_checkpoint(workdir)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                             abstract_variables)
     # Where a gsg_jax.task run keeps its backbone in the train state.
-    target = {"params": {"backbone": abstract["params"]},
-              "model_state": {"batch_stats": {"backbone": abstract["batch_stats"]}}}
+    target = {"params": {"backbone": abstract["params"]}}
+    if "batch_stats" in abstract:
+        target["model_state"] = {"batch_stats": {"backbone": abstract["batch_stats"]}}
     restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                      partial_restore=True)
     state = manager.restore(step, args=ocp.args.Composite(state=restore)).state
-    return {"params": state["params"]["backbone"],
-            "batch_stats": state["model_state"]["batch_stats"]["backbone"]}
+    backbone = {"params": state["params"]["backbone"]}
+    if "batch_stats" in abstract:
+        backbone["batch_stats"] = state["model_state"]["batch_stats"]["backbone"]
+    return backbone
 
 
 class LinearHead(nn.Module):
@@ -87,8 +92,9 @@ class LinearEvalTask:
         self.backbone = build_model(pretraining).backbone
         size, channels = config.aug.image_size, self.spec.image_shape[-1] if self.spec.image_shape else 3
         self._images = jnp.zeros((1, size, size, channels))
-        abstract = jax.eval_shape(functools.partial(self.backbone.init, train=False), jax.random.key(0),
-                                  self._images)
+        # Unboxed: the checkpoint holds plain arrays where a ViT's init gives logically partitioned boxes.
+        abstract = nn.unbox(jax.eval_shape(functools.partial(self.backbone.init, train=False),
+                                           jax.random.key(0), self._images))
         # Restored here, outside the traced init that returns them (as constants of the jitted init, which
         # JAX passes as arguments rather than writing them into the program).
         self._pretrained = load_backbone(config.checkpoint, abstract, NamedSharding(mesh, P()))

@@ -6,9 +6,23 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gsg_jax import augment, data, evaluate, losses, models
+from peri_ln import model as vit_model
 
 
-BACKBONES = {"resnet_cifar": models.resnet_cifar, "resnet_imagenet": models.resnet_imagenet}
+def _resnet(make):
+    return lambda m, dtype: make(depth=m.depth, width=m.width, dtype=dtype,
+                                 zero_init_residual=m.zero_init_residual)
+
+
+def _vit(m, dtype):
+    return vit_model.vit(depth=m.depth, width=m.width, dtype=dtype, patch_size=m.patch_size,
+                         num_heads=m.num_heads, norm_placement=m.norm_placement, norm_type=m.norm_type)
+
+
+# config.model.backbone -> (config.model, compute dtype) -> backbone. Each reads only its own keys: a ResNet's
+# width is a float multiplier and it has zero_init_residual; a ViT's width is its d_model.
+BACKBONES = {"resnet_cifar": _resnet(models.resnet_cifar), "resnet_imagenet": _resnet(models.resnet_imagenet),
+             "vit": _vit}
 
 
 def build_model(config) -> models.SiameseNet:
@@ -17,8 +31,7 @@ def build_model(config) -> models.SiameseNet:
         raise ValueError(f"config.model.backbone={m.backbone!r} is unknown; choose one of {sorted(BACKBONES)}.")
     dtype = jnp.dtype(config.compute_dtype)
     return models.SiameseNet(
-        backbone=BACKBONES[m.backbone](depth=m.depth, width=m.width, dtype=dtype,
-                                       zero_init_residual=m.zero_init_residual),
+        backbone=BACKBONES[m.backbone](m, dtype),
         proj_hidden_dim=m.proj_hidden_dim, proj_out_dim=m.proj_out_dim, proj_layers=m.proj_layers,
         pred_hidden_dim=m.pred_hidden_dim, use_predictor=m.predictor, dtype=dtype)
 

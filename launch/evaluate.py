@@ -18,9 +18,9 @@ _EVALUATORS = flags.DEFINE_list("evaluators", None,
                                 "Evaluators to run, comma separated (default: all of the run's task's).")
 
 
-def evaluate(workdir: str, evaluator_names=None) -> tuple[int, dict]:
-    """Runs the named evaluators (default: all of the task's) on the latest checkpoint in workdir;
-    returns (its step, the results)."""
+def restore_run(workdir: str):
+    """(config, task, train state, step) of the latest checkpoint in workdir, rebuilt from the config
+    saved with it."""
     manager = checkpoint.open_for_reading(workdir)
     try:
         saved = checkpoint.latest_config(manager)
@@ -30,17 +30,25 @@ def evaluate(workdir: str, evaluator_names=None) -> tuple[int, dict]:
         config = ml_collections.ConfigDict(saved[1])
         mesh = mesh_lib.make_mesh(config.mesh)
         task, state, shardings, _ = train.build(config, mesh)
-        names = task.evaluators if evaluator_names is None else evaluator_names
-        evaluators = train.select_evaluators(task, names, config.task)
         abstract = checkpoint.abstract_with_shardings(jax.eval_shape(lambda s: s, state), shardings)
         state, step, _ = checkpoint.restore_latest(manager, abstract)
     finally:
         manager.close()
+    return config, task, state, step
+
+
+def evaluate(workdir: str, evaluator_names=None) -> tuple[int, dict]:
+    """Runs the named evaluators (default: all of the task's) on the latest checkpoint in workdir;
+    returns (its step, the results)."""
+    config, task, state, step = restore_run(workdir)
+    names = task.evaluators if evaluator_names is None else evaluator_names
+    evaluators = train.select_evaluators(task, names, config.task)
     writer = metrics.MetricWriter(workdir)
     try:
         return step, train.run_evaluators(evaluators, state, step, writer)
     finally:
         writer.close()
+
 
 def main(argv):
     if len(argv) > 1:

@@ -84,3 +84,39 @@ def test_byol_target_gets_no_gradient_and_follows_the_ema_of_the_online_encoder(
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected,
                  jax.device_get(state.model_state["target"]["params"]))
     assert not np.allclose(jax.tree.leaves(online)[0], jax.tree.leaves(before)[0])
+
+
+
+# A tiny peri-LN ViT in place of the tiny ResNet, with a warmup shorter than the tiny run.
+TINY_VIT = {"model.depth": 2, "model.width": 32, "model.num_heads": 2, "optimizer.warmup_steps": 1}
+
+
+def test_build_model_gives_each_backbone_its_own_fields():
+    resnet = task_lib.build_model(helpers.tiny_config("dataset=imagenet2012", **{"model.depth": 18})).backbone
+    assert (resnet.stem, resnet.width, resnet.zero_init_residual) == ("imagenet", 0.125, True)
+    placement = {"model.norm_placement": "pre", "model.norm_type": "rmsnorm"}
+    config = helpers.tiny_config("backbone=vit", **TINY_VIT, **placement)
+    vit = task_lib.build_model(config).backbone
+    assert (vit.num_layers, vit.d_model, vit.num_heads, vit.patch_size) == (2, 32, 2, 4)
+    assert (vit.norm_placement, vit.norm_type) == ("pre", "rmsnorm")
+    assert "zero_init_residual" not in config.model
+
+
+def test_vit_backbone_trains_two_steps():
+    """GSG SimSiam on the peri-LN ViT through the shared loop: finite losses, and the parameters move."""
+    config = helpers.tiny_config("backbone=vit", **TINY_VIT)
+    assert config.model.norm_placement == "peri" and config.optimizer.name == "adamw"
+    mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+    _, state, _, train_step = train.build(config, mesh)
+    assert "backbone" not in state.model_state["batch_stats"]  # layer norms only: no batch statistics
+    before = jax.device_get(state.params)
+    for seed in range(2):  # the warmup's first step has lr 0 (the predictor's fixed lr excepted)
+        batch = mesh_lib.to_global_batch(_batch(config.batch_size, seed), mesh)
+        state, metrics, finite = train_step(state, batch)
+        assert bool(finite) and np.isfinite(metrics["loss"])
+    after = jax.device_get(state.params)
+    unmoved = [jax.tree_util.keystr(path) for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(before),
+                                                                   jax.tree.leaves(after))
+               if np.array_equal(a, b)]
+    print(unmoved)
+    assert not unmoved
