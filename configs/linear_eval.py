@@ -5,10 +5,12 @@ mode), trained with the labels of the same dataset and evaluated on its test spl
 
 Arg checkpoint=WORKDIR (required): the pretraining run's --workdir. Its latest checkpoint gives the backbone;
 the config saved with it gives the model, the dataset, the image size and the normalisation.
-Training augmentation is the standard linear-evaluation one: random resized crops and flips, nothing else.
-SGD with momentum, no weight decay, cosine decay, as in the SimSiam/MoCo linear protocols (LARS with
---config.optimizer.name=lars). The default, 2 epochs of Fashion-MNIST at batch 256, takes about N minutes
-on a 2-core CPU.
+The classifier is batch norm without affine parameters plus a linear layer (MoCo v3, MAE); SGD with
+momentum, no weight decay, cosine decay. LARS (--config.optimizer.name=lars) needs a larger lr at this length:
+0.537 at lr 1, 0.696 at lr 10. Training augmentation: flips of whole images by default; random resized crops
+as an option (see below).
+The default, 2 epochs of Fashion-MNIST at batch 256, takes 1.5 minutes on a 2-core CPU shared with other
+jobs; on a GSG SimSiam pretrained for 100 steps (kNN 0.751) it gave linear_top1 0.739.
 """
 import os
 
@@ -28,7 +30,7 @@ def get_config(arg=None):
     config.task = "gsg_jax.linear_eval"
     config.checkpoint = os.path.abspath(arg.checkpoint)
     config.compute_dtype = pretraining.compute_dtype
-    config.total_steps = 468            # 2 epochs of the 60,000 Fashion-MNIST training images
+    config.total_steps = 468            # 2 epochs of Fashion-MNIST's 60,000 images; set it for other datasets
     config.batch_size = 256
     config.log_every_steps = 50
     config.eval_every_steps = 468

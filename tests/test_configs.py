@@ -15,6 +15,7 @@ CASES = [
     ("simsiam", "crops=two_crop,batch=64"),
     ("simsiam", "dataset=cifar10"),
     ("simsiam", "dataset=imagenet2012"),
+    ("simsiam", "backbone=vit"),
     ("byol", ""),
     ("byol", "gsg=0,predictor=0"),
 ]
@@ -22,9 +23,11 @@ CASES = [
 
 def tiny(name, arg, tmp_path):
     config = importlib.import_module(f"configs.{name}").get_config(arg)
-    config.update_from_flattened_dict({
-        **helpers.TINY_OVERRIDES, "total_steps": 2, "checkpoint_every_steps": 2,
-        "data.data_dir": str(tmp_path / "tfds"), "data.idx_dir": str(tmp_path / "no_idx_files")})
+    overrides = {**helpers.TINY_OVERRIDES, "total_steps": 2, "checkpoint_every_steps": 2,
+                 "data.data_dir": str(tmp_path / "tfds"), "data.idx_dir": str(tmp_path / "no_idx_files")}
+    if config.model.backbone == "vit":  # a tiny ViT (an int width, not the ResNet's multiplier); a short warmup
+        overrides.update({"model.depth": 2, "model.width": 32, "model.num_heads": 2, "optimizer.warmup_steps": 1})
+    config.update_from_flattened_dict(overrides)
     if config.model.backbone == "resnet_imagenet":
         config.model.depth = 18  # the smallest ImageNet ResNet
     config.evaluators = ()

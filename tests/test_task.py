@@ -1,4 +1,5 @@
-"""The GSG task: BYOL's EMA target (update, schedule, no gradient), and two_crop against four_crop."""
+"""The GSG task: BYOL's EMA target (update, schedule, no gradient), two_crop against four_crop, and the
+ViT backbone."""
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -110,13 +111,13 @@ def test_vit_backbone_trains_two_steps():
     _, state, _, train_step = train.build(config, mesh)
     assert "backbone" not in state.model_state["batch_stats"]  # layer norms only: no batch statistics
     before = jax.device_get(state.params)
-    for seed in range(2):  # the warmup's first step has lr 0 (the predictor's fixed lr excepted)
+    for seed in range(2):  # two steps: in the first, the warmup's lr 0 moves only the predictor
         batch = mesh_lib.to_global_batch(_batch(config.batch_size, seed), mesh)
         state, metrics, finite = train_step(state, batch)
         assert bool(finite) and np.isfinite(metrics["loss"])
     after = jax.device_get(state.params)
-    unmoved = [jax.tree_util.keystr(path) for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(before),
-                                                                   jax.tree.leaves(after))
-               if np.array_equal(a, b)]
-    print(unmoved)
-    assert not unmoved
+    leaves = zip(jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(after))
+    unmoved = [jax.tree_util.keystr(path) for (path, a), b in leaves if np.array_equal(a, b)]
+    # Every parameter moves, but a key bias need not: softmax ignores a shift shared by all keys, so its
+    # gradient is zero up to rounding.
+    assert all(path.endswith("['key']['bias']") for path in unmoved), unmoved
