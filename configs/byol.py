@@ -1,5 +1,5 @@
 """BYOL with guided stop-gradient (GSG), or the BYOL baseline: configs/simsiam.py's recipes (same args:
-gsg, dataset, predictor, batch, crops) with targets from an EMA copy of the encoder instead of
+gsg, dataset, predictor, batch, crops, backbone) with targets from an EMA copy of the encoder instead of
 stop-gradient on the online projections.
 
     python -m launch.main --config=configs/byol.py --workdir=workdirs/gsg_byol            # offline default

@@ -60,6 +60,11 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules):
 
     The result has the structure of nn.unbox(abstract_tree): one sharding per array.
     """
+    # optax's masked states (multi_transform, e.g. fix_pred_lr) hold for each parameter they skip a box around
+    # a MaskedNode, a pytree without arrays: unboxed, it gets no sharding, just as it holds no array.
+    is_box = lambda x: isinstance(x, nn.Partitioned)
+    abstract_tree = jax.tree.map(lambda x: x.value if is_box(x) and not jax.tree.leaves(x.value) else x,
+                                 abstract_tree, is_leaf=is_box)
     specs = nn.get_partition_spec(abstract_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, [tuple(r) for r in rules])
 
