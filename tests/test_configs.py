@@ -6,6 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from launch import metrics, train
+from peri_ln import data as peri_ln_data
 from tests import helpers
 
 CASES = [
@@ -18,11 +19,23 @@ CASES = [
     ("simsiam", "backbone=vit"),
     ("byol", ""),
     ("byol", "gsg=0,predictor=0"),
+    ("lm", "norm=pre"),
+    ("lm", "norm=output"),
 ]
+# configs/linear_eval.py needs a pretraining checkpoint: tests/test_linear_eval.py trains it two steps.
 
 
 def tiny(name, arg, tmp_path):
     config = importlib.import_module(f"configs.{name}").get_config(arg)
+    if name == "lm":  # a short context and batch over random bytes written as a token corpus
+        rng = np.random.default_rng(0)
+        for split in ("train", "validation"):
+            peri_ln_data.write_token_file(tmp_path / "tokens", split, rng.integers(0, 256, 5_000), 256)
+        config.update_from_flattened_dict({
+            "data.source": f"tokens:{tmp_path / 'tokens'}", "seq_len": 32, "batch_size": 8, "total_steps": 2,
+            "log_every_steps": 1, "checkpoint_every_steps": 2, "optimizer.warmup_steps": 1})
+        config.evaluators = ()
+        return config
     overrides = {**helpers.TINY_OVERRIDES, "total_steps": 2, "checkpoint_every_steps": 2,
                  "data.data_dir": str(tmp_path / "tfds"), "data.idx_dir": str(tmp_path / "no_idx_files")}
     if config.model.backbone == "vit":  # a tiny ViT (an int width, not the ResNet's multiplier); a short warmup
