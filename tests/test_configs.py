@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import linear_eval as configs_linear_eval
 from launch import metrics, train
 from peri_ln import data as peri_ln_data
 from tests import helpers
@@ -21,8 +22,8 @@ CASES = [
     ("byol", "gsg=0,predictor=0"),
     ("lm", "norm=pre"),
     ("lm", "norm=output"),
+    ("linear_eval", "checkpoint=PRETRAINED"),  # the tiny default simsiam config, trained two steps first
 ]
-# configs/linear_eval.py needs a pretraining checkpoint: tests/test_linear_eval.py trains it two steps.
 
 
 def tiny(name, arg, tmp_path):
@@ -49,8 +50,15 @@ def tiny(name, arg, tmp_path):
 
 @pytest.mark.parametrize("name,arg", CASES, ids=[f"{n}:{a}" for n, a in CASES])
 def test_config_trains_two_steps_under_mock_data(name, arg, tmp_path):
-    config = tiny(name, arg, tmp_path)
     with tfds.testing.mock_data(num_examples=64):
+        if name == "linear_eval":
+            train.train_and_evaluate(tiny("simsiam", "", tmp_path), str(tmp_path / "pretrained"))
+            config = configs_linear_eval.get_config(f"checkpoint={tmp_path / 'pretrained'}")
+            config.update_from_flattened_dict({"batch_size": 16, "total_steps": 2, "log_every_steps": 1,
+                                               "checkpoint_every_steps": 2, "eval_batch_size": 32})
+            config.evaluators = ()
+        else:
+            config = tiny(name, arg, tmp_path)
         train.train_and_evaluate(config, str(tmp_path / "work"))
     losses = [row["loss"] for row in metrics.read_metrics(tmp_path / "work") if "loss" in row]
     assert len(losses) == 2 and np.isfinite(losses).all()
