@@ -64,3 +64,12 @@ def knn_top1(bank, bank_labels, queries, labels, num_classes, k=200, temperature
                             num_classes=num_classes, k=k, temperature=temperature)
         correct += int(np.sum(np.asarray(pred) == labels[start:start + chunk]))
     return correct / len(queries)
+
+
+def knn_evaluation(embed_split, spec, knn_config) -> dict:
+    """The kNN monitor of a dataset: embed_split(split) -> (normalised features, ..., labels); the bank is
+    the train split, the queries the eval split."""
+    bank, _, bank_labels = embed_split(spec.train_split)
+    queries, _, labels = embed_split(spec.eval_split)
+    return {"knn_top1": knn_top1(bank, bank_labels, queries, labels, spec.num_classes, k=knn_config.k,
+                                 temperature=knn_config.temperature)}

@@ -154,11 +154,8 @@ class LinearEvalTask:
         return {"linear_top1": float(np.mean(predictions == labels))}
 
     def knn(self, params, model_state):
-        bank, _, bank_labels = self._predict_split(params, model_state, self.spec.train_split)
-        queries, _, labels = self._predict_split(params, model_state, self.spec.eval_split)
-        top1 = evaluate.knn_top1(bank, bank_labels, queries, labels, self.spec.num_classes,
-                                 k=self.config.knn.k, temperature=self.config.knn.temperature)
-        return {"knn_top1": top1}
+        return evaluate.knn_evaluation(lambda split: self._predict_split(params, model_state, split),
+                                       self.spec, self.config.knn)
 
     @property
     def evaluators(self):

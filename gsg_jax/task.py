@@ -158,7 +158,6 @@ class SiameseTask:
         else:
             loss, aux = losses.simsiam_loss(p[0], p[1], t[0], t[1])
         metrics["train_z_std"] = evaluate.z_std(jax.lax.stop_gradient(z[0]))
-        metrics["train_rank"] = evaluate.effective_rank(jax.lax.stop_gradient(z[0]))
         return loss, (new_state, metrics)
 
     @property
@@ -194,11 +193,8 @@ class SiameseTask:
                               None if self.spec.image_shape else self.config.aug.image_size), self.mesh)
 
     def knn(self, params, model_state):
-        bank, _, bank_labels = self._embed_split(params, model_state, self.spec.train_split)
-        queries, _, labels = self._embed_split(params, model_state, self.spec.eval_split)
-        top1 = evaluate.knn_top1(bank, bank_labels, queries, labels, self.spec.num_classes,
-                                 k=self.config.knn.k, temperature=self.config.knn.temperature)
-        return {"knn_top1": top1}
+        return evaluate.knn_evaluation(lambda split: self._embed_split(params, model_state, split), self.spec,
+                                       self.config.knn)
 
     def collapse(self, params, model_state):
         """The collapse monitors on the projections of the eval split: z_std and the effective rank."""
