@@ -12,7 +12,7 @@ small-batch run):
     python -m launch.main --config=configs/simsiam.py:dataset=imagenet2012 --workdir=gs://BUCKET/in1k
 
 - fashion_mnist (default): the offline job of this repository. CIFAR ResNet-18 at width 1/8 on crops of
-  16 px, 800 steps of batch 128 (1.7 epochs), sized to finish within 10 minutes on a 2-core CPU (about 8.5),
+  16 px, 800 steps of batch 128 (1.7 epochs), sized to finish within 10 minutes on a 2-core CPU (7.5-9),
   with kNN accuracy at step 0 (random initialisation) and at the end (README, Results: +2.1 to +3.0 points
   over seeds 0-2; at 300 steps the trained encoder did not reliably beat its initialisation).
 - cifar10 / cifar100: SimSiam's CIFAR recipe. CIFAR ResNet-18, crops of 32 px, no blur, batch 512, SGD lr
